@@ -53,7 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
     s.add_argument("--truth-out", default=None, help="also write the phantom's true lung/airway/nodule masks here")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    m = sub.add_parser("summary", help="print what a prepared folder holds")
+    m.add_argument("prepared", help="a data_prep output folder")
     return parser
+
+
+def _run_summary(args) -> int:
+    from .summary import summarize
+
+    print(summarize(args.prepared))
+    return 0
 
 
 def _run_lidc(args) -> int:
@@ -93,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .lidc import NoSeriesError
     from .outputs import OutputError
 
-    runners = {"lidc": _run_lidc, "synth-lidc": _run_synth_lidc}
+    runners = {"lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "summary": _run_summary}
     try:
         return runners[args.step](args)
     except (NoSeriesError, OutputError, SeriesError, FileNotFoundError, ValueError) as exc:

@@ -1,0 +1,30 @@
+# Set-up is part of every target: a virtual environment in .venv, installed from pyproject.toml
+# (re-installed only when pyproject.toml or constraints.txt change).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= demo
+
+.PHONY: demo test benchmark clean-demo
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	touch $@
+
+## The main job on the embedded demo world: generate LIDC-style DICOM, then prepare it.
+demo: $(VENV)/.installed
+	$(PY) -m data_prep synth-lidc --out $(DEMO)/lidc_dicom --patients 3 --seed 0 --size small --truth-out $(DEMO)/lidc_truth
+	$(PY) -m data_prep lidc --dicom-root $(DEMO)/lidc_dicom --out $(DEMO)/lidc_prepared
+	$(PY) -m data_prep summary $(DEMO)/lidc_prepared
+
+## The test suite (what .ci/run runs).
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+benchmark: $(VENV)/.installed
+	$(PY) benchmarks/bench_lidc_prepare.py
+
+clean-demo:
+	rm -rf $(DEMO)
