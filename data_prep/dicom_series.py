@@ -69,24 +69,41 @@ def _float_list(ds, tag: str, n: int, path: str) -> np.ndarray:
     return np.asarray([float(v) for v in value])
 
 
+_UNCOMPRESSED_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def _stored_pixels(ds) -> np.ndarray:
+    """The stored values of one frame; uncompressed 16-bit data is viewed directly (no copy)."""
+    tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
+    bits_stored = int(ds.get("BitsStored", 16) or 16)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    plain = tsyntax in _UNCOMPRESSED_LE and int(ds.get("BitsAllocated", 0) or 0) == 16 and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    if plain and (bits_stored == 16 or not signed) and len(ds.PixelData) == 2 * rows * cols:
+        stored = np.frombuffer(ds.PixelData, dtype="<i2" if signed else "<u2").reshape(rows, cols)
+        return stored if bits_stored == 16 else stored & np.uint16((1 << bits_stored) - 1)
+    return ds.pixel_array  # compressed, odd bit depths, multi-frame: let pydicom decode
+
+
 def _to_hu(ds, path: str) -> np.ndarray:
     try:
-        stored = ds.pixel_array
+        stored = _stored_pixels(ds)
     except Exception as exc:
         raise SeriesError(f"{path}: cannot decode pixel data ({type(exc).__name__}: {exc})") from exc
     if stored.ndim != 2:
         raise SeriesError(f"{path}: expected one 2D frame, found pixel array of shape {stored.shape}")
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    hu = stored.astype(np.float32) * slope + intercept
+    if slope == 1 and intercept == int(intercept):  # the usual case: exact integer arithmetic, no floats
+        hu = stored.astype(np.int32)
+        hu += int(intercept)
+    else:
+        hu = stored.astype(np.float32) * slope + intercept
     pad = ds.get("PixelPaddingValue")
     if pad is not None:
         limit = ds.get("PixelPaddingRangeLimit")
-        if limit is None:
-            hu[stored == pad] = HU_MIN
-        else:
-            lo, hi = sorted((int(pad), int(limit)))
-            hu[(stored >= lo) & (stored <= hi)] = HU_MIN
+        lo, hi = sorted((int(pad), int(pad if limit is None else limit)))
+        hu[(stored >= lo) & (stored <= hi)] = HU_MIN
     np.clip(hu, HU_MIN, HU_MAX, out=hu)
     return hu.astype(np.int16)
 

@@ -25,9 +25,10 @@ def test_target_grid_covers_stack_from_first_voxel():
         target_grid(z, (0, 0), (1, 1), 4, 4, (0, 1, 1))
 
 
-def test_linear_field_is_reproduced_with_uneven_slices():
-    """Resampling a field linear in world coordinates is exact, also between unevenly spaced slices."""
-    z = np.array([0.0, 1.0, 3.5, 4.0, 6.5])
+@pytest.mark.parametrize("z", [[0.0, 1.0, 3.5, 4.0, 6.5], [0.0, 1.25, 2.5, 3.75, 5.0, 6.25]], ids=["uneven", "even"])
+def test_linear_field_is_reproduced(z):
+    """Resampling a field linear in world coordinates is exact, on even slices and between uneven ones."""
+    z = np.array(z)
     ps, origin = (0.8, 0.6), (-5.0, 3.0)
     stack = _linear_field(z, 20, 30, ps, origin)
     grid = target_grid(z, origin, ps, 20, 30, (0.5, 1.0, 1.0))
