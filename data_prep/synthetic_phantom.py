@@ -38,6 +38,9 @@ HU = {
 LUNG_TEXTURE = ((24, 12.0, 30.0), (96, 4.0, 15.0))  # (cells across the image, z step mm, HU) per level
 LUNG_GRAVITY_HU = 40.0  # posterior (dependent) lung is denser
 AIRWAY_WALL_MM = 1.2
+# Trachea and main bronchi are extrapulmonary: a sheath of hilar/mediastinal soft tissue (vessels, nodes,
+# connective tissue) of this thickness surrounds them, as in real chests, and is not lung field.
+HILAR_SHEATH_MM = 6.0
 RIB_PITCH_MM, RIB_HEIGHT_MM, RIB_SLOPE_MM_PER_RAD = 28.0, 10.0, 25.0
 VERTEBRA_PITCH_MM, DISC_MM = 27.0, 6.0
 
@@ -266,7 +269,7 @@ def render_phantom(
         noise_sd=noise_sd,
         vessels=rasterize_tubes(vessel_segments(anat, np.random.default_rng([seed, 2])), z, shape, ps, 0.0, slab),
         airways=rasterize_tubes(np.concatenate([central, peripheral]), z, shape, ps, AIRWAY_WALL_MM),
-        central_airways=rasterize_tubes(central, z, shape, ps, AIRWAY_WALL_MM),
+        central_airways=rasterize_tubes(central, z, shape, ps, HILAR_SHEATH_MM),
         texture=_SmoothTexture.make(np.random.default_rng([seed, 3]), scan_z_range, shape, LUNG_TEXTURE),
         gravity=(HU["lung"] + LUNG_GRAVITY_HU * grid.v).astype(np.float32),
         nodules=prepare_nodules(nodules, np.random.default_rng([seed, 4]), ps),
@@ -318,6 +321,9 @@ class _Scene:
         np.copyto(hu, self.gravity + self.texture.at(zi), where=lung)
         win = hu[self.vessels.window]
         win += self.vessels.coverage(i, ps) * lung[self.vessels.window] * (HU["soft"] - win)
+        central = self.central_airways
+        win = hu[central.window]
+        win += central.coverage(i, ps, HILAR_SHEATH_MM) * (HU["soft"] - win)
         win = hu[self.airways.window]
         lumen, outer = self.airways.coverage(i, ps), self.airways.coverage(i, ps, AIRWAY_WALL_MM)
         win[...] = win * (1 - outer) + HU["soft"] * (outer - lumen) + HU["air"] * lumen
@@ -327,7 +333,6 @@ class _Scene:
         hu += self.noise_sd * noise_rng.standard_normal(hu.shape, dtype=np.float32)
         np.putmask(hu, ~g.fov, HU_MIN)
         self.hu[i] = np.clip(np.rint(hu), HU_MIN, HU_MAX)
-        central = self.central_airways
-        lung[central.window] &= central.sd[i] > AIRWAY_WALL_MM * SD_SCALE
+        lung[central.window] &= central.sd[i] > HILAR_SHEATH_MM * SD_SCALE
         self.truth["lungs"][i] = lung
         self.truth["nodules"][i][~g.fov] = 0
