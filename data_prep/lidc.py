@@ -94,8 +94,7 @@ def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, 
         vol = load_ct_series(files)
         rec["warnings"] += vol.warnings
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
-        hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN)
-        hu = np.rint(hu, out=hu).astype(np.int16)
+        hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
         nodules, records = nodule_labels(scan, vol, grid, clevel=params.clevel, min_readers=params.min_readers, pl=pl)
         lungs = lung_mask(hu, grid.spacing)
         lungs[nodules > 0] = 1  # the lung field includes its nodules (juxtapleural ones too)

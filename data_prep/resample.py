@@ -117,7 +117,7 @@ def _interpolate_z(planes: np.ndarray, z_positions: np.ndarray, grid: Grid, fill
 
 def resample_stack(
     stack: np.ndarray, z_positions: np.ndarray, origin_xy: tuple[float, float], pixel_spacing: tuple[float, float],
-    grid: Grid, *, fill: float = 0.0,
+    grid: Grid, *, fill: float = 0.0, round_to_int16: bool = False,
 ) -> np.ndarray:  # fmt: skip
     """Resample a stack of axial slices onto ``grid`` (trilinear, at the real slice positions).
 
@@ -128,9 +128,10 @@ def resample_stack(
         pixel_spacing: (row = y, column = x) mm.
         grid: target grid; parts outside the stack get ``fill``.
         fill: value outside the stack. Default 0.
+        round_to_int16: round to the nearest integer and return int16 (HU volumes). Default False.
 
     Returns:
-        float32 array of shape ``grid.shape`` (z, y, x).
+        float32 (or int16) array of shape ``grid.shape`` (z, y, x).
     """
     if stack.ndim != 3 or stack.shape[0] != len(z_positions):
         raise ValueError(f"stack of shape {stack.shape} does not match {len(z_positions)} z positions")
@@ -144,22 +145,25 @@ def resample_stack(
     z_used = z_positions[first:last]
     steps = np.diff(z_used)
     if len(steps) and np.ptp(steps) <= 1e-4 * steps.mean():  # evenly spaced: one trilinear pass
-        return _resample_3d(stack[first:last], z_used[0], float(steps.mean()), origin_xy, pixel_spacing, grid, fill)
+        img = _resample_3d(stack[first:last], z_used[0], float(steps.mean()), origin_xy, pixel_spacing, grid, fill)
+        if round_to_int16:  # rounding and casting in ITK (multi-threaded, no float copy in numpy)
+            img = sitk.Cast(sitk.Round(img), sitk.sitkInt16)
+        return sitk.GetArrayFromImage(img)
     planes = _resample_in_plane(stack[first:last], origin_xy, pixel_spacing, grid, fill)
-    return _interpolate_z(planes, z_used, grid, fill)
+    out = _interpolate_z(planes, z_used, grid, fill)
+    return np.rint(out, out=out).astype(np.int16) if round_to_int16 else out
 
 
-def _resample_3d(stack, z0: float, dz: float, origin_xy, pixel_spacing, grid: Grid, fill: float) -> np.ndarray:
+def _resample_3d(stack, z0: float, dz: float, origin_xy, pixel_spacing, grid: Grid, fill: float) -> sitk.Image:
     """Evenly spaced slices: a single multi-threaded SimpleITK trilinear resampling."""
     img = sitk.GetImageFromArray(stack)
     img.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), dz))
     img.SetOrigin((float(origin_xy[0]), float(origin_xy[1]), float(z0)))
-    out = sitk.Resample(
+    return sitk.Resample(
         img, tuple(int(n) for n in grid.shape[::-1]), sitk.Transform(), sitk.sitkLinear, grid.origin,
         tuple(float(s) for s in grid.spacing[::-1]), (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), float(fill),
         sitk.sitkFloat32,
     )  # fmt: skip
-    return sitk.GetArrayFromImage(out)
 
 
 def grid_to_sitk(array: np.ndarray, grid: Grid) -> sitk.Image:

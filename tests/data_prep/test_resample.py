@@ -63,3 +63,16 @@ def test_grid_to_sitk_geometry():
     assert img.GetDirection() == (1, 0, 0, 0, 1, 0, 0, 0, 1)
     with pytest.raises(ValueError, match="does not match"):
         grid_to_sitk(np.zeros((1, 1, 1)), grid)
+
+
+@pytest.mark.parametrize("z", [[0.0, 1.0, 2.0, 3.0], [0.0, 1.0, 2.5, 3.0]], ids=["even", "uneven"])
+def test_int16_output_is_the_rounded_float_result(z):
+    """round_to_int16 gives the float result rounded to the nearest integer, on both code paths."""
+    z = np.array(z)
+    rng = np.random.default_rng(0)
+    stack = rng.integers(-1024, 2000, size=(4, 12, 12)).astype(np.int16)
+    grid = target_grid(z, (0.0, 0.0), (0.7, 0.7), 12, 12, (0.5, 1.0, 1.0))
+    as_float = resample_stack(stack, z, (0.0, 0.0), (0.7, 0.7), grid, fill=-1024)
+    as_int = resample_stack(stack, z, (0.0, 0.0), (0.7, 0.7), grid, fill=-1024, round_to_int16=True)
+    assert as_int.dtype == np.int16
+    assert np.abs(as_int - as_float).max() <= 0.5 + 1e-3
