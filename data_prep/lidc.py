@@ -11,7 +11,6 @@ with its error and the others go on.
 
 from __future__ import annotations
 
-import os
 import time
 import traceback
 from collections import Counter

@@ -23,7 +23,7 @@ def test_nbia_and_flat_layouts_give_the_same_series(sample_root, tmp_path):
     """The newer NBIA folder names and a flat folder index to the same series and files per series."""
     reference = index_dicom(sample_root)
     nbia, flat = tmp_path / "nbia", tmp_path / "flat"
-    for n, (uid, info) in enumerate(reference.series.items()):
+    for n, info in enumerate(reference.series.values()):
         series_dir = nbia / info.patient_id / "01-01-2000-NA-NA-30178" / f"300056{n}.000000-NA-03192"
         series_dir.mkdir(parents=True)
         flat.mkdir(exist_ok=True)
