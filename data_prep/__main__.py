@@ -53,6 +53,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
     s.add_argument("--truth-out", default=None, help="also write the phantom's true lung/airway/nodule masks here")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
+    u = sub.add_parser("luna16", help="LUNA16 .mhd + annotations.csv -> HU volumes, nodule masks from LIDC outlines, lung masks")
+    u.add_argument("--luna-root", required=True, help="folder holding subset0..subset9")
+    u.add_argument("--annotations", required=True, help="LUNA16 annotations.csv (or one from luna16-annotations)")
+    u.add_argument("--out", required=True, help="output folder")
+    u.add_argument("--spacing", type=_spacing, default=(1.0, 1.0, 1.0), help="target spacing mm: 'S' or 'Z,Y,X' (default 1)")
+    u.add_argument("--subsets", nargs="+", default=None, help="only these subsets, e.g. 0 1 or subset0 (default: all)")
+    u.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    u.add_argument("--mask-source", choices=("lidc", "sphere"), default="lidc", help="nodule masks: LIDC consensus outline (default) or sphere")
+    u.add_argument("--consensus", type=_fraction, default=0.5, help="reader consensus level of LIDC outlines (default 0.5)")
+    u.add_argument("--folds", type=int, default=5, help="patient-level folds in datalist.json (default 5)")
+    u.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    u.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    sl = sub.add_parser("synth-luna16", help="write the demo world in LUNA16 form (subset folders, .mhd/.raw, annotations.csv)")
+    sl.add_argument("--out", required=True, help="output LUNA16 root")
+    sl.add_argument("--patients", type=int, default=3, help="number of real LIDC scans to imitate (default 3)")
+    sl.add_argument("--patient-ids", nargs="+", default=None, help="these LIDC patient ids instead of a seeded choice")
+    sl.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    sl.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
+    sl.add_argument("--compress", action="store_true", help="write .zraw instead of .raw")
+    sl.add_argument("--quiet", action="store_true", help="no progress bars")
+
     m = sub.add_parser("summary", help="print what a prepared folder holds")
     m.add_argument("prepared", help="a data_prep output folder")
     return parser
@@ -73,14 +95,49 @@ def _run_lidc(args) -> int:
     )
     result = prepare_lidc(args.dicom_root, args.out, params, patients=args.patients, workers=args.workers, progress=not args.quiet)
     cases = result["cases"]
-    failed = {cid: rec for cid, rec in cases.items() if rec.get("status") != "ok"}
-    n_nodules = sum(len(rec.get("nodules", [])) for rec in cases.values() if rec.get("status") == "ok")
-    print(f"lidc: {len(cases) - len(failed)} case(s) prepared, {len(failed)} failed, {n_nodules} nodule row(s) -> {args.out}")
+    ok = [rec for rec in cases.values() if rec.get("status") == "ok"]
+    n_nodules = sum(len(rec.get("nodules", [])) for rec in ok)
+    print(f"lidc: {len(ok)} case(s) prepared, {len(cases) - len(ok)} failed, {n_nodules} nodule row(s) -> {args.out}")
+    return _report_failures(result)
+
+
+def _report_failures(result: dict) -> int:
+    """Print failed cases and run errors to stderr; the exit status they imply."""
+    failed = {cid: rec for cid, rec in result["cases"].items() if rec.get("status") != "ok"}
     for cid, rec in failed.items():
         print(f"  FAILED {cid}: {rec.get('error')}", file=sys.stderr)
     for err in result.get("errors", []):
-        print(f"  ERROR {err['patient_id']}: {err['error']}", file=sys.stderr)
+        where = err.get("patient_id") or err.get("seriesuid") or "?"
+        row = f" (CSV row {err['csv_row']})" if err.get("csv_row") else ""
+        print(f"  ERROR {where}{row}: {err['error']}", file=sys.stderr)
     return 1 if failed or result.get("errors") else 0
+
+
+def _run_luna16(args) -> int:
+    from .luna16 import Luna16Params, prepare_luna16
+
+    params = Luna16Params(
+        spacing=args.spacing, mask_source=args.mask_source, clevel=args.consensus, folds=args.folds, fold_seed=args.fold_seed
+    )
+    result = prepare_luna16(
+        args.luna_root, args.annotations, args.out, params, subsets=args.subsets, workers=args.workers, progress=not args.quiet
+    )
+    s = result["summary"]
+    print(f"luna16: {s.get('ok', 0)} case(s) prepared, {s.get('failed', 0)} failed -> {args.out}")
+    return _report_failures(result)
+
+
+def _run_synth_luna16(args) -> int:
+    from .synthetic_luna16 import write_synthetic_luna16
+
+    res = write_synthetic_luna16(
+        args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,
+        progress=not args.quiet, compress=args.compress,
+    )  # fmt: skip
+    for s in res["scans"]:
+        print(f"synth-luna16: {s['patient_id']}: {s['subset']}/{s['seriesuid']}.mhd {tuple(s['shape_zyx'])}, {s['n_annotations']} annotation(s)")
+    print(f"synth-luna16: annotations -> {res['annotations_csv']}")
+    return 0
 
 
 def _run_synth_lidc(args) -> int:
@@ -102,7 +159,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .lidc import NoSeriesError
     from .outputs import OutputError
 
-    runners = {"lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "summary": _run_summary}
+    runners = {
+        "lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "luna16": _run_luna16, "synth-luna16": _run_synth_luna16,
+        "summary": _run_summary,
+    }  # fmt: skip
     try:
         return runners[args.step](args)
     except (NoSeriesError, OutputError, SeriesError, FileNotFoundError, ValueError) as exc:

@@ -15,8 +15,6 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +28,7 @@ from .lung_mask import lung_mask
 from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
 from .pylidc_compat import import_pylidc
 from .resample import grid_to_sitk, resample_stack, target_grid
+from .runner import run_cases
 
 __all__ = ["LidcParams", "prepare_lidc", "prepare_case", "case_ids", "NODULE_COLUMNS", "NoSeriesError"]
 
@@ -196,32 +195,10 @@ def prepare_lidc(
             f"{len(index.series)} CT series found, none with a SeriesInstanceUID known to pylidc"
         )
     todo = [c for c in cases if not manifest.finished(c[0], out)]
-    _run_cases(todo, out, params, manifest, workers, progress)
+    tasks = [(cid, (cid, uid, files, str(out), params)) for cid, uid, files in todo]
+    run_cases(prepare_case, tasks, manifest, workers=workers, progress=progress, desc="lidc cases")
     _write_tables(out, manifest, params)
     return manifest.data
-
-
-def _run_cases(todo, out: Path, params: LidcParams, manifest: Manifest, workers: int, progress: bool) -> None:
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="lidc cases", unit="case", disable=not progress)
-    if workers <= 1:
-        for case_id, uid, files in todo:
-            bar.set_postfix_str(case_id)
-            manifest.record(case_id, prepare_case(case_id, uid, files, str(out), params))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = {pool.submit(prepare_case, cid, uid, files, str(out), params): cid for cid, uid, files in todo}
-            for fut in as_completed(futures):
-                cid = futures[fut]
-                try:
-                    rec = fut.result()
-                except BrokenProcessPool as exc:  # a worker died (out of memory, killed)
-                    rec = {"status": "failed", "error": f"worker process died ({exc}); rerun to retry", "warnings": []}
-                manifest.record(cid, rec)
-                bar.update()
-    bar.close()
 
 
 def _write_tables(out: Path, manifest: Manifest, params: LidcParams) -> None:

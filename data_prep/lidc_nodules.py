@@ -75,7 +75,7 @@ def _agreement(cluster, pl) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nodule_labels(
-    scan, volume: CTVolume, grid: Grid, *, clevel: float = 0.5, min_readers: int = 1, pl=None
+    scan, volume: CTVolume, grid: Grid, *, clevel: float = 0.5, min_readers: int = 1, pl=None, clusters=None
 ) -> tuple[np.ndarray, list[NoduleRecord]]:
     """Label map (0 background, k = nodule k) on ``grid`` and one record per reader cluster.
 
@@ -86,6 +86,9 @@ def nodule_labels(
         clevel: fraction of a cluster's readers that must include a voxel. Default 0.5.
         min_readers: clusters with fewer readers are left out. Default 1 (all).
         pl: the pylidc module (from :func:`data_prep.pylidc_compat.import_pylidc`).
+        clusters: an explicit list of clusters (each a list of the scan's pylidc ``Annotation``)
+            to label 1..K in the given order (``cluster_index`` = position in the list) instead of
+            ``scan.cluster_annotations()``. Default None.
 
     Returns:
         (uint8 label map of ``grid.shape`` (z, y, x), records in label order).
@@ -98,7 +101,7 @@ def nodule_labels(
     ox, oy = volume.origin_xy
     tol = 0.25 * max(volume.slice_spacing, 1e-3)
     label = 0
-    for ci, cluster in enumerate(scan.cluster_annotations()):
+    for ci, cluster in enumerate(scan.cluster_annotations() if clusters is None else clusters):
         if len(cluster) < min_readers:
             continue
         agree, bbox = _agreement(cluster, pl)

@@ -43,13 +43,14 @@ def summarize(prepared: str | Path) -> str:
         )
         for row in nodules.get(cid, []):
             k = int(row["label"])
-            inside = f"mean {image[label == k].mean():.0f} HU inside" if k and (label == k).any() else "not in the slices"
+            inside = f"mean {image[label == k].mean():.0f} HU inside" if k and (label == k).any() else "not in the volume"
+            source = f", mask from {row['mask_source']}" if row.get("mask_source") else ""
             lines.append(
-                f"    nodule {k}: {row['n_readers']} reader(s), diameter {float(row['diameter_mm']):.1f} mm, "
-                f"texture {row['texture']}, {float(row['in_volume_fraction']):.0%} in volume, {inside}"
+                f"    nodule {k}: {row.get('n_readers') or '?'} reader(s), diameter {float(row['diameter_mm']):.1f} mm, "
+                f"texture {row.get('texture') or '?'}{source}, {inside}"
             )
         for w in rec.get("warnings", []):
             lines.append(f"    warning: {w}")
     for err in manifest.get("errors", []):
-        lines.append(f"  {err.get('patient_id')}: ERROR: {err.get('error')}")
+        lines.append(f"  {err.get('patient_id') or err.get('seriesuid')}: ERROR: {err.get('error')}")
     return "\n".join(lines)
