@@ -18,16 +18,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 from .datalist import build_datalist
 from .dicom_index import DicomIndex, index_dicom
 from .dicom_series import HU_MIN, SeriesError, load_ct_series
 from .lidc_nodules import CHARACTERISTICS, nodule_labels
-from .lung_mask import lung_mask
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
+from .case_output import SUBDIRS, write_case
+from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
 from .pylidc_compat import import_pylidc
-from .resample import grid_to_sitk, resample_stack, target_grid
+from .resample import resample_stack, target_grid
 from .runner import run_cases
 
 __all__ = ["LidcParams", "prepare_lidc", "prepare_case", "case_ids", "NODULE_COLUMNS", "NoSeriesError"]
@@ -38,7 +37,6 @@ NODULE_COLUMNS = [
     "diameter_mm", "equivalent_diameter_mm", "volume_mm3", "in_volume_fraction", "label_voxels",
     *CHARACTERISTICS.values(),
 ]  # fmt: skip
-SUBDIRS = ("images", "labels/nodules", "labels/lungs")
 
 
 class NoSeriesError(RuntimeError):
@@ -94,35 +92,14 @@ def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, 
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
         hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
         nodules, records = nodule_labels(scan, vol, grid, clevel=params.clevel, min_readers=params.min_readers, pl=pl)
-        lungs = lung_mask(hu, grid.spacing)
-        lungs[nodules > 0] = 1  # the lung field includes its nodules (juxtapleural ones too)
-        if not lungs.any():
-            rec["warnings"].append("lung mask is empty (no lung in the available slices?)")
         del vol
-        files_out = {
-            "image": f"images/{case_id}.nii.gz",
-            "label": f"labels/nodules/{case_id}.nii.gz",
-            "lung": f"labels/lungs/{case_id}.nii.gz",
-        }
-        root = Path(out)
-        # labels first, image last: a case counts as finished only when all three exist
-        write_image(grid_to_sitk(nodules, grid), root / files_out["label"])
-        write_image(grid_to_sitk(lungs, grid), root / files_out["lung"])
-        write_image(grid_to_sitk(hu, grid), root / files_out["image"])
+        written = write_case(out, case_id, grid, hu, nodules)
+        rec["warnings"] += written.pop("warnings")
         rows = [dict(r.row(), case_id=case_id, patient_id=scan.patient_id, series_uid=series_uid) for r in records]
         partial = [r.label for r in records if 0 < r.in_volume_fraction < 1]
         if partial:
             rec["warnings"].append(f"nodule label(s) {partial} only partly inside the available slices")
-        rec.update(
-            status="ok",
-            files=files_out,
-            shape_zyx=list(grid.shape),
-            spacing_zyx_mm=list(grid.spacing),
-            origin_xyz_mm=list(grid.origin),
-            n_slices_read=len(files),
-            nodules=rows,
-            lung_volume_ml=round(float(lungs.sum()) * float(np.prod(grid.spacing)) / 1000, 1),
-        )
+        rec.update(status="ok", n_slices_read=len(files), nodules=rows, **written)
     except (SeriesError, OutputError) as exc:
         rec["error"] = str(exc)
     except Exception as exc:  # unexpected: keep the traceback for the report, go on with other cases

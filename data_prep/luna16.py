@@ -45,11 +45,11 @@ import numpy as np
 from .datalist import build_datalist
 from .dicom_series import HU_MIN, SeriesError
 from .lidc_nodules import CHARACTERISTICS, nodule_labels
-from .lung_mask import lung_mask
+from .case_output import SUBDIRS, write_case
 from .mhd import read_mhd
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
+from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
 from .pylidc_compat import import_pylidc
-from .resample import Grid, grid_to_sitk, resample_stack, target_grid
+from .resample import Grid, resample_stack, target_grid
 from .runner import run_cases
 
 __all__ = [
@@ -64,7 +64,6 @@ NODULE_COLUMNS = [
     "voxel_x", "voxel_y", "voxel_z", "label", "mask_source", "cluster_index", "n_readers", "match_distance_mm",
     "label_voxels", "volume_mm3", "in_volume_fraction", "lidc_sphere_dice", "note", *CHARACTERISTICS.values(),
 ]  # fmt: skip
-SUBDIRS = ("images", "labels/nodules", "labels/lungs")
 
 
 class NoScansError(FileNotFoundError):
@@ -413,31 +412,10 @@ def prepare_case(
         labels, rows, errors = _nodule_masks(case_id, annotations, vol, grid, params)
         native_shape = list(vol.hu.shape)
         del vol
-        lungs = lung_mask(hu, grid.spacing)
-        lungs[labels > 0] = 1  # the lung field includes its nodules
-        if not lungs.any():
-            rec["warnings"].append("lung mask is empty (no lung in the scan?)")
-        files_out = {
-            "image": f"images/{case_id}.nii.gz",
-            "label": f"labels/nodules/{case_id}.nii.gz",
-            "lung": f"labels/lungs/{case_id}.nii.gz",
-        }
-        root = Path(out)
-        write_image(grid_to_sitk(labels, grid), root / files_out["label"])
-        write_image(grid_to_sitk(lungs, grid), root / files_out["lung"])
-        write_image(grid_to_sitk(hu, grid), root / files_out["image"])  # last: the case is finished
+        written = write_case(out, case_id, grid, hu, labels)
+        rec["warnings"] += written.pop("warnings")
         rows = [dict(r, case_id=case_id, seriesuid=case_id, patient_id=patient_id, subset=subset) for r in rows]
-        rec.update(
-            status="ok",
-            files=files_out,
-            shape_zyx=list(grid.shape),
-            spacing_zyx_mm=list(grid.spacing),
-            origin_xyz_mm=list(grid.origin),
-            native_shape_zyx=native_shape,
-            nodules=rows,
-            annotation_errors=errors,
-            lung_volume_ml=round(float(lungs.sum()) * float(np.prod(grid.spacing)) / 1000, 1),
-        )
+        rec.update(status="ok", native_shape_zyx=native_shape, nodules=rows, annotation_errors=errors, **written)
     except (SeriesError, OutputError) as exc:
         rec["error"] = str(exc)
     except Exception as exc:  # unexpected: keep the traceback, go on with the other cases
