@@ -12,13 +12,13 @@ scan on 2 cores, and >= 3x faster than the baseline.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from child_runs import alternate, print_best, run_child  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -45,17 +45,6 @@ print(json.dumps({{"mode": mode, "seconds": seconds, "peak_rss_gb": resource.get
 """
 
 
-def _run(mode: str, root: Path, work: Path) -> dict:
-    out = Path(tempfile.mkdtemp(dir=work, prefix=mode))
-    for sub in ("images", "labels/nodules", "labels/lungs"):
-        (out / sub).mkdir(parents=True)
-    code = CHILD.format(bench=str(HERE))
-    res = subprocess.run([sys.executable, "-c", code, mode, str(root), str(out)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{mode} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patient", default="LIDC-IDRI-0072", help="LIDC scan to imitate (0072: 305 slices, 0.73 mm)")
@@ -71,20 +60,10 @@ def main() -> None:
 
             print(f"writing a full-size demo scan of {args.patient} ...", flush=True)
             write_synthetic_lidc(root, patient_ids=[args.patient], size="full")
-        runs = []
-        for r in range(args.repeats):
-            for mode in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
-                runs.append(_run(mode, root, work))
-                print(f"  {mode:8s} {runs[-1]['seconds']:7.2f} s  {runs[-1]['peak_rss_gb']:5.2f} GB", flush=True)
-    best = {m: min((x for x in runs if x["mode"] == m), key=lambda x: x["seconds"]) for m in ("ours", "baseline")}
-    ratio = best["baseline"]["seconds"] / best["ours"]["seconds"]
-    print(f"\nscan: {best['ours']['n_slices']} slices of 512 x 512 -> {best['ours']['shape']} voxels (z, y, x) at 1 mm")
-    print(f"{'':10s}{'best s':>9s}{'peak GB':>9s}")
-    for m in ("ours", "baseline"):
-        print(f"{m:10s}{best[m]['seconds']:9.2f}{best[m]['peak_rss_gb']:9.2f}")
-    print(f"speed-up (baseline / ours): {ratio:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "best": best, "speedup": ratio}, indent=2))
+        code = CHILD.format(bench=str(HERE))
+        runs = alternate(lambda mode: run_child(code, mode, [str(root)], work), args.repeats)
+    print(f"\nscan: {runs[0]['n_slices']} slices of 512 x 512 -> {runs[0]['shape']} voxels (z, y, x) at 1 mm")
+    print_best(runs, args.json)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ real run).
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,6 +26,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from child_runs import alternate, print_best, run_child  # noqa: E402
 
 CHILD = r"""
 import json, resource, sys, time
@@ -80,17 +80,6 @@ def prepare_naive(mhd: str, annotations, out: Path, spacing: float = 1.0) -> tup
     return image.shape, hu.shape
 
 
-def _run(mode: str, mhd: Path, csv_path: Path, work: Path) -> dict:
-    out = Path(tempfile.mkdtemp(dir=work, prefix=mode))
-    for sub in ("images", "labels/nodules", "labels/lungs"):
-        (out / sub).mkdir(parents=True)
-    code = CHILD.format(bench=str(HERE))
-    res = subprocess.run([sys.executable, "-c", code, mode, str(mhd), str(csv_path), str(out)], capture_output=True, text=True)
-    if res.returncode != 0:
-        raise RuntimeError(f"{mode} failed:\n{res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patient", default="LIDC-IDRI-0072", help="LIDC scan to imitate (0072: 305 slices, 0.73 mm)")
@@ -109,22 +98,13 @@ def main() -> None:
             print(f"writing a full-size demo scan of {args.patient} in LUNA16 form ...", flush=True)
             info = write_synthetic_luna16(work / "luna", patient_ids=[args.patient], size="full")
             mhd, csv_path = Path(info["scans"][0]["mhd"]), Path(info["annotations_csv"])
-        runs = []
-        for r in range(args.repeats):
-            for mode in (("ours", "baseline") if r % 2 == 0 else ("baseline", "ours")):
-                runs.append(_run(mode, mhd, csv_path, work))
-                print(f"  {mode:8s} {runs[-1]['seconds']:7.2f} s  {runs[-1]['peak_rss_gb']:5.2f} GB", flush=True)
-    best = {m: min((x for x in runs if x["mode"] == m), key=lambda x: x["seconds"]) for m in ("ours", "baseline")}
-    ratio = best["baseline"]["seconds"] / best["ours"]["seconds"]
-    nz, ny, nx = best["ours"]["native_shape"]
-    print(f"\nscan: {nz} slices of {ny} x {nx} (.mhd) -> {best['ours']['shape']} voxels (z, y, x) at 1 mm, "
-          f"{best['ours']['n_annotations']} annotation(s)")  # fmt: skip
-    print(f"{'':10s}{'best s':>9s}{'peak GB':>9s}")
-    for m in ("ours", "baseline"):
-        print(f"{m:10s}{best[m]['seconds']:9.2f}{best[m]['peak_rss_gb']:9.2f}")
-    print(f"speed-up (baseline / ours): {ratio:.2f}x")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"runs": runs, "best": best, "speedup": ratio}, indent=2))
+        code = CHILD.format(bench=str(HERE))
+        runs = alternate(lambda mode: run_child(code, mode, [str(mhd), str(csv_path)], work), args.repeats)
+    first = runs[0]
+    nz, ny, nx = first["native_shape"]
+    print(f"\nscan: {nz} slices of {ny} x {nx} (.mhd) -> {first['shape']} voxels (z, y, x) at 1 mm, "
+          f"{first['n_annotations']} annotation(s)")  # fmt: skip
+    print_best(runs, args.json)
 
 
 if __name__ == "__main__":
