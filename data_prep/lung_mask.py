@@ -36,6 +36,7 @@ import math
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 __all__ = ["lung_mask", "lung_mask_with_info"]
@@ -80,6 +81,12 @@ HOLE_MAX_MM2 = 2000.0
 # Half-width (fraction of the body's width) of the window around the body's centre where the
 # right/left split of each slice is searched.
 SPLIT_WINDOW_FRACTION = 0.15
+
+# Full-grid work goes a slab of slices at a time, of about this many voxels (cache-friendly).
+_SLAB_VOXELS = 1 << 20
+
+# A slab: its coarse box, its full-grid box, and its rows (z) in the full-grid box it is part of.
+_Slab = tuple[tuple[slice, ...], tuple[slice, ...], slice]
 
 _FACE_2D = np.zeros((3, 3, 3), dtype=bool)
 _FACE_2D[1] = ndi.generate_binary_structure(2, 1)
@@ -187,10 +194,12 @@ def lung_mask_with_info(
         info["airway_removed_ml"] = float(airway.sum()) * cvox_ml
         airway_wide = _dilate(airway, axes=(1, 2)) & internal
         # Keep what the removal cut off, unless it is a tiny remnant of the airway's edge.
-        labels, n = ndi.label(lungs & ~airway_wide)
+        box = _bbox(lungs)
+        labels, n = ndi.label(lungs[box] & ~airway_wide[box], output=np.int32)
         big = np.bincount(labels.ravel(), minlength=n + 1) * cvox_ml >= MIN_LUNG_ML
         big[0] = False
-        lungs = big[labels]
+        lungs = np.zeros_like(lungs)
+        lungs[box] = big[labels]
         if not lungs.any():
             info["warnings"].append("no lung left after airway removal")
             return out, info
@@ -211,44 +220,79 @@ def lung_mask_with_info(
         added = closed & ~(lungs | zone | outside | deep | _dilate(other_air | airway_wide))
         # A nodule is thick: keep the pieces with a core that survives an erosion, dropping
         # one-voxel slivers along the wall (coarse-grid staircase).
-        added = _reconstruct(added, ~_dilate(~added, full=False))[0]
+        if added.any():
+            box = _bbox(added, margin=1)
+            added[box] = _reconstruct(added[box], ~_dilate(~added[box], full=False))[0]
     max_hole = HOLE_MAX_MM2 / (cspacing[1] * cspacing[2])
     box = _bbox(lungs | added, margin=1)
     added[box] = _fill_holes_2d(lungs[box] | added[box], max_hole, zone[box]) & ~lungs[box]
 
-    # 5. Full grid: air within one coarse voxel of the lungs, less the airway lumen and its
-    # partial-volume edge, plus the additions, then hole filling.
+    # 5. Full grid, within the box of ``region | added``: air within one coarse voxel of the
+    # lungs, less the airway lumen and its partial-volume edge, plus the additions, then hole
+    # filling, all in-plane and a slab of slices at a time (the coarse masks go along as bits of
+    # one array, see _fine_slab); then specks not connected to the coarse lung core go.
     region = _dilate(lungs) & ~(other_air | outside)
-    core = ~_dilate(~lungs)
-    code = (
-        region.view(np.uint8)
-        | (added.view(np.uint8) << 1)
-        | (zone.view(np.uint8) << 2)
-        | (core.view(np.uint8) << 3)
-        | (airway_wide.view(np.uint8) << 4)
-    )
+    code = region.view(np.uint8) | (added.view(np.uint8) << 1) | (zone.view(np.uint8) << 2)
     if airway is not None:
-        code |= airway.view(np.uint8) << 5
-    bbox = _bbox(region | added)
-    fine = tuple(slice(b.start * f, min(b.stop * f, n)) for b, f, n in zip(bbox, factor, hu.shape))
-    code = code[np.ix_(*(np.arange(s.start, s.stop) // f for s, f in zip(fine, factor)))]
-    hu_fine = hu[fine]
-    mask = (hu_fine < air_threshold) & (code & 1).astype(bool)
-    if airway is not None:
-        # The lumen and its edge: air near the coarse airway, connected to it within the slice.
-        near = mask & (code & 16).astype(bool)
-        mask &= ~_reconstruct(near, near & (code & 32).astype(bool), _FACE_2D)[0]
-    mask |= (code & 2).astype(bool)
+        code |= (airway_wide.view(np.uint8) << 3) | (airway.view(np.uint8) << 4)
+    box = _bbox(region | added)
+    fine = _fine_box(box, factor, hu.shape)
+    slabs = _slabs(box, factor, hu.shape)
     max_hole = HOLE_MAX_MM2 / (spacing[1] * spacing[2])
-    mask = _fill_holes_2d(mask, max_hole, (code & 4).astype(bool))
+    mask = np.empty(tuple(s.stop - s.start for s in fine), dtype=bool)
+    for cbox, fbox, rows in slabs:
+        code_fine = _upsample(code, cbox, factor, hu.shape)
+        mask[rows] = _fine_slab(hu[fbox], code_fine, air_threshold, max_hole)
     # Drop fine-grid specks (airway-lumen edges, noise) not connected to the coarse lung core.
-    mask, n_components = _reconstruct(mask, (code & 8).astype(bool))
-    out[fine] = mask
+    n_components = _drop_specks(mask, ~_dilate(~lungs), slabs, factor, out)
 
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    info["volume_ml"] = float(mask.sum()) * voxel_ml
+    info["volume_ml"] = float(np.count_nonzero(out[fine])) * voxel_ml
     info["n_components"] = n_components
     return out, info
+
+
+def _fine_slab(
+    hu: np.ndarray, code: np.ndarray, air_threshold: float, max_hole: float
+) -> np.ndarray:
+    """The in-plane part of step 5 on a slab of full-grid slices: ``hu`` and ``code``, the
+    coarse masks of :func:`lung_mask_with_info` repeated onto the full grid as bits (0 region,
+    1 added, 2 zone, 3 airway_wide, 4 airway), of the same shape."""
+    scratch = np.empty_like(code)
+    mask = hu < air_threshold
+    mask &= _bit(code, 0, scratch)
+    near = mask & _bit(code, 3, scratch)
+    if near.any():
+        # The lumen and its edge: air near the coarse airway, connected to it within the slice.
+        box = _bbox(near)
+        lumen = near[box] & _bit(code[box], 4, scratch[box])
+        mask[box] &= ~_reconstruct(near[box], lumen, _FACE_2D)[0]
+    mask |= _bit(code, 1, scratch)
+    return _fill_holes_2d(mask, max_hole, _bit(code, 2, scratch))
+
+
+def _drop_specks(
+    mask: np.ndarray,
+    core: np.ndarray,
+    slabs: list[_Slab],
+    factor: tuple[int, int, int],
+    out: np.ndarray,
+) -> int:
+    """Write into ``out`` the 3D components of ``mask`` (the full-grid box of ``slabs``) that
+    contain a voxel of the coarse ``core``, a slab at a time; return their number."""
+    # SimpleITK (multi-threaded) labels a volume this large faster than scipy.
+    labeller = sitk.ConnectedComponentImageFilter()
+    labeller.FullyConnectedOff()
+    image = labeller.Execute(sitk.GetImageFromArray(mask.view(np.uint8)))
+    labels = sitk.GetArrayViewFromImage(image)  # valid while ``image`` lives
+    hit = np.zeros(labeller.GetObjectCount() + 1, dtype=bool)
+    for cbox, _, rows in slabs:
+        hit[labels[rows][_upsample(core, cbox, factor, out.shape)]] = True
+    hit[0] = False
+    for _, fbox, rows in slabs:
+        # np.take, with the labels in range, is faster than hit[labels[rows]].
+        np.take(hit.view(np.uint8), labels[rows], out=out[fbox], mode="clip")
+    return int(hit.sum())
 
 
 def _reconstruct(
@@ -256,9 +300,9 @@ def _reconstruct(
 ) -> tuple[np.ndarray, int]:
     """The components of ``mask`` (3D, or as ``structure`` connects) that contain a voxel of
     ``marker``, and their number."""
-    labels, n = ndi.label(mask, structure)
+    labels, n = ndi.label(mask, structure, output=np.int32)
     hit = np.zeros(n + 1, dtype=bool)
-    hit[labels[marker & mask]] = True
+    hit[labels[marker]] = True  # label 0 (not in ``mask``) is no component
     hit[0] = False
     return hit[labels], int(hit.sum())
 
@@ -267,8 +311,8 @@ def _dilate(mask: np.ndarray, full: bool = True, axes: tuple[int, ...] = (0, 1, 
     """Dilation by one voxel along ``axes``: 26-neighbour (``full``) or 6-neighbour, zero beyond
     the border. ``~_dilate(~mask)`` is the erosion that keeps the mask at the border."""
     out = mask.copy()
-    for axis in axes:
-        src = out.copy() if full else mask
+    for i, axis in enumerate(axes):
+        src = out.copy() if full and i > 0 else mask
         lo = [slice(None)] * mask.ndim
         hi = [slice(None)] * mask.ndim
         lo[axis], hi[axis] = slice(None, -1), slice(1, None)
@@ -281,6 +325,19 @@ def _block_mean(hu: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
     """Mean over ``factor``-sized blocks, shape ``ceil(shape / factor)``, float32 (edge-padded)."""
     if factor == (1, 1, 1):
         return hu.astype(np.float32, copy=False)
+    if hu.dtype.kind in "iub" and hu.dtype.itemsize <= 2:
+        # Exact integer block sums, one axis at a time and a slab of slices at a time (the fast
+        # way for int16 HU); the same float32 result as summing in float32 below, as those sums
+        # are exact too.
+        out = np.empty(tuple(-(-n // f) for n, f in zip(hu.shape, factor)), dtype=np.float32)
+        step = max(1, _SLAB_VOXELS // (hu[0].size * factor[0]))
+        for z in range(0, out.shape[0], step):
+            sums = hu[z * factor[0] : (z + step) * factor[0]]
+            for axis, f in enumerate(factor):
+                sums = _block_sum(sums, f, axis)
+            out[z : z + step] = sums
+        out /= int(np.prod(factor))
+        return out
     pad = [(0, (-n) % f) for n, f in zip(hu.shape, factor)]
     if any(p for _, p in pad):
         hu = np.pad(hu, pad, mode="edge")
@@ -291,6 +348,26 @@ def _block_mean(hu: np.ndarray, factor: tuple[int, int, int]) -> np.ndarray:
             for k in range(fx):
                 out += hu[i::fz, j::fy, k::fx]
     out /= fz * fy * fx
+    return out
+
+
+def _block_sum(a: np.ndarray, f: int, axis: int) -> np.ndarray:
+    """int32 sums over ``f``-long blocks along ``axis``, the last block edge-padded."""
+    if f == 1:
+        return a
+
+    def every_fth(start: int) -> np.ndarray:
+        return a[(slice(None),) * axis + (slice(start, None, f),)]
+
+    out = every_fth(0).astype(np.int32)
+    n_blocks = out.shape[axis]
+    last = every_fth(a.shape[axis] - 1)  # the last slab, repeated as padding
+    for start in range(1, f):
+        part = every_fth(start)
+        n = part.shape[axis]
+        out[(slice(None),) * axis + (slice(0, n),)] += part
+        if n < n_blocks:
+            out[(slice(None),) * axis + (slice(n, n_blocks),)] += last
     return out
 
 
@@ -310,15 +387,22 @@ def _fill_holes_2d(
     mask: np.ndarray, max_area: float, keep_out: np.ndarray | None = None
 ) -> np.ndarray:
     """``mask`` with its axial holes (background not reaching the slice border) of at most
-    ``max_area`` pixels filled, except holes that touch ``keep_out``."""
-    labels, n = ndi.label(~mask, _FACE_2D)
-    fill = np.bincount(labels.ravel(), minlength=n + 1) <= max_area
+    ``max_area`` pixels filled, except holes that touch ``keep_out``. Fills a C-contiguous
+    ``mask`` in place."""
+    labels, n = ndi.label(~mask, _FACE_2D, output=np.int32)
+    is_hole = np.ones(n + 1, dtype=bool)
     for face in (labels[:, 0, :], labels[:, -1, :], labels[:, :, 0], labels[:, :, -1]):
-        fill[face] = False
+        is_hole[face] = False
+    is_hole[0] = False
+    # Sizes and the rest only over the (few) hole voxels, not the whole background.
+    holes = np.flatnonzero(np.take(is_hole, labels, mode="clip"))  # faster than is_hole[labels]
+    hole_labels = labels.ravel()[holes]
+    fill = np.bincount(hole_labels, minlength=n + 1) <= max_area
     if keep_out is not None:
-        fill[labels[keep_out]] = False
-    fill[0] = False
-    return mask | fill[labels]
+        fill[hole_labels[np.ravel(keep_out)[holes]]] = False
+    mask = np.ascontiguousarray(mask)
+    mask.ravel()[holes] |= fill[hole_labels]
+    return mask
 
 
 def _body_centre_x(body: np.ndarray, sx: float) -> tuple[np.ndarray, np.ndarray]:
@@ -347,24 +431,23 @@ def _select_lungs(
     if not internal.any():
         return out
     box = _bbox(internal)
-    labels, n = ndi.label(internal[box])
-    flat = labels.ravel()
-    idx = np.flatnonzero(flat)
-    lab = flat[idx]
+    internal = internal[box]
+    labels, n = ndi.label(internal, output=np.int32)
+    idx = np.flatnonzero(internal)  # the voxels of the components, in the order of ``[internal]``
+    lab = labels.ravel()[idx]
     z, _, x = np.unravel_index(idx, labels.shape)
     count = np.bincount(lab, minlength=n + 1).astype(np.float64)
     # Gas fraction over the inner voxels, away from the partial-volume edge of thin gas (a
     # component without inner voxels is no lung either).
-    inner = (~_dilate(~internal[box], full=False)).ravel()[idx]
-    gas_inner = inner & (coarse[box].ravel()[idx] < GAS_HU)
+    inner = (~_dilate(~internal, full=False))[internal]
+    gas_inner = inner & (coarse[box][internal] < GAS_HU)
     gas = np.bincount(lab, weights=gas_inner, minlength=n + 1)
     n_inner = np.bincount(lab, weights=inner, minlength=n + 1)
     offset_mm = np.abs(x + box[2].start - body_cx[z + box[0].start]) * cspacing[2]
     offset = np.bincount(lab, weights=offset_mm, minlength=n + 1) / np.maximum(count, 1)
-    reach = np.zeros(n + 1)
-    np.maximum.at(reach, lab, offset_mm)
+    reaches = np.bincount(lab, weights=offset_mm >= MIN_LUNG_REACH_MM, minlength=n + 1) > 0
     volume = count * cvox_ml
-    lung_like = (gas < 0.5 * n_inner) & (volume >= MIN_LUNG_ML) & (reach >= MIN_LUNG_REACH_MM)
+    lung_like = (gas < 0.5 * n_inner) & (volume >= MIN_LUNG_ML) & reaches
     lung_like[0] = False
     if not lung_like.any():
         return out
@@ -407,7 +490,8 @@ def _find_airways(
     parenchyma = float(np.median(coarse[lungs]))
     start = float(np.clip(parenchyma + AIRWAY_CONTRAST_HU, *AIRWAY_DARK_HU))
     two_lungs = zone.any(axis=(1, 2))[box[0]]
-    lungs, zone, coarse, centre = lungs[box], zone[box], coarse[box], body_cx[box[0]] - x0
+    lungs, zone, coarse = (np.ascontiguousarray(a[box]) for a in (lungs, zone, coarse))
+    centre = body_cx[box[0]] - x0
     limit = AIRWAY_MAX_FRACTION * np.count_nonzero(lungs)
     darker = parenchyma + AIRWAY_CONTRAST_HU / 2
     airway = np.zeros(lungs.shape, dtype=bool)
@@ -472,17 +556,25 @@ def _airway_sections(
     like[0] = False
     if not like.any():
         return np.zeros_like(air)
-    candidates = np.where(like, np.arange(n + 1), 0)[labels]
-    near = ndi.maximum_filter(candidates, size=(1, 3, 3))
+    # The ring lies within 3 voxels of a candidate in its slice: work in the candidates' box
+    # (the filters give the same there, as there is nothing beyond it).
+    box = _points_box((z, y, x), like[lab], margin=(0, 3, 3))
+    candidates = np.where(like[labels[box]], labels[box], 0)
+    near = _dilate(candidates > 0, axes=(1, 2))
     ring_label = ndi.maximum_filter(candidates, size=(1, 7, 7))
-    ring = (ring_label > 0) & (near == 0)
+    ring = (ring_label > 0) & ~near
     ring_label = ring_label[ring]
     ring_size = np.maximum(np.bincount(ring_label, minlength=n + 1), 1)
-    ring_air = np.bincount(ring_label, weights=coarse[ring] < air_threshold, minlength=n + 1)
-    ring_zone = np.bincount(ring_label, weights=zone[ring], minlength=n + 1)
+    ring_air = np.bincount(ring_label, weights=coarse[box][ring] < air_threshold, minlength=n + 1)
+    ring_zone = np.bincount(ring_label, weights=zone[box][ring], minlength=n + 1)
     like &= ring_air <= AIRWAY_MAX_RING_AIR * ring_size
     like &= (ring_zone >= AIRWAY_MIN_RING_MEDIASTINUM * ring_size) | ~two_lungs[slice_of]
-    return _reconstruct(like[labels], (like & (area >= AIRWAY_SEED_MM2))[labels])[0]
+    out = np.zeros_like(air)
+    if like.any():
+        box = _points_box((z, y, x), like[lab])
+        seeds = like & (area >= AIRWAY_SEED_MM2)
+        out[box] = _reconstruct(like[labels[box]], seeds[labels[box]])[0]
+    return out
 
 
 def _split_x(lungs: np.ndarray, body_cx: np.ndarray, body_w: np.ndarray, sx: float) -> np.ndarray:
@@ -539,8 +631,10 @@ def _closing(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float, fl
     passes = [(bool(i % 2), tuple(a for a, k in enumerate(steps) if i < k)) for i in range(n)]
     for full, axes in passes:
         crop = _dilate(crop, full, axes)
+    crop = ~crop  # the erosion: dilations of the complement
     for full, axes in passes:
-        crop = ~_dilate(~crop, full, axes)
+        crop = _dilate(crop, full, axes)
+    crop = ~crop
     out = np.zeros_like(mask)
     out[bbox] = crop[(slice(n + 1, -(n + 1)),) * 3]
     return out
@@ -553,3 +647,55 @@ def _bbox(mask: np.ndarray, margin: int = 0) -> tuple[slice, ...]:
         hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
         out.append(slice(max(hit[0] - margin, 0), min(hit[-1] + 1 + margin, mask.shape[axis])))
     return tuple(out)
+
+
+def _bit(code: np.ndarray, k: int, out: np.ndarray) -> np.ndarray:
+    """Bit ``k`` of the uint8 array ``code`` as a bool array, computed in ``out`` (uint8, of
+    ``code``'s shape)."""
+    np.right_shift(code, k, out=out)
+    np.bitwise_and(out, 1, out=out)
+    return out.view(bool)
+
+
+def _points_box(
+    points: tuple[np.ndarray, ...], selected: np.ndarray, margin: tuple[int, ...] = (0, 0, 0)
+) -> tuple[slice, ...]:
+    """Bounding box of the ``selected`` ones of ``points`` (index arrays, one per axis, as
+    ``np.nonzero`` gives), widened by ``margin``; non-empty ``selected``."""
+    return tuple(
+        slice(max(int(c[selected].min()) - m, 0), int(c[selected].max()) + 1 + m)
+        for c, m in zip(points, margin)
+    )
+
+
+def _fine_box(
+    box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]
+) -> tuple[slice, ...]:
+    """The full-grid box (of an array of ``shape``) covered by the coarse box ``box``."""
+    return tuple(slice(b.start * f, min(b.stop * f, n)) for b, f, n in zip(box, factor, shape))
+
+
+def _slabs(
+    box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]
+) -> list[_Slab]:
+    """The coarse ``box`` cut along z into slabs of about ``_SLAB_VOXELS`` full-grid voxels."""
+    fine = _fine_box(box, factor, shape)
+    area = (fine[1].stop - fine[1].start) * (fine[2].stop - fine[2].start)
+    step = max(1, _SLAB_VOXELS // (area * factor[0]))
+    out = []
+    for z in range(box[0].start, box[0].stop, step):
+        cbox = (slice(z, min(z + step, box[0].stop)), *box[1:])
+        fbox = _fine_box(cbox, factor, shape)
+        out.append((cbox, fbox, slice(fbox[0].start - fine[0].start, fbox[0].stop - fine[0].start)))
+    return out
+
+
+def _upsample(
+    coarse: np.ndarray, box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]
+) -> np.ndarray:
+    """``coarse[box]`` on the full grid (each coarse voxel repeated ``factor`` times along each
+    axis), cropped to ``_fine_box(box, factor, shape)``."""
+    out = coarse[box]
+    for axis in (2, 1, 0):  # the last axis first, while the array is small: the fastest order
+        out = np.repeat(out, factor[axis], axis=axis)
+    return out[tuple(slice(0, s.stop - s.start) for s in _fine_box(box, factor, shape))]
