@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo
 
-.PHONY: demo test benchmark clean-demo
+.PHONY: demo test test-default test-monailabel test-browser chromium benchmark clean-demo
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,9 +22,25 @@ demo: $(VENV)/.installed
 	$(PY) -m data_prep luna16 --luna-root $(DEMO)/luna16 --annotations $(DEMO)/luna16/annotations.csv --out $(DEMO)/luna16_prepared
 	$(PY) -m data_prep summary $(DEMO)/luna16_prepared
 
-## The test suite (what .ci/run runs).
-test: $(VENV)/.installed
+## Everything CI runs (.ci/run): the default suite, then the opt-in suites (MONAI Label server, report in Chromium).
+test: test-default test-monailabel test-browser
+
+## The default suite alone (under 10 minutes on 2 cores).
+test-default: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+## A real MONAI Label server (own venv, made by integration/monailabel/setup.sh) serving the bundles.
+test-monailabel: $(VENV)/.installed
+	bash integration/monailabel/setup.sh
+	$(PY) -m pytest -q -m monailabel
+
+## The main job's report rendered in headless Chromium.
+test-browser: $(VENV)/.installed chromium
+	$(PY) -m pytest -q -m browser
+
+## Debian's chromium for the browser test (needs root or sudo; skipped when already there).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { $$(command -v sudo >/dev/null 2>&1 && echo sudo) apt-get update -q && DEBIAN_FRONTEND=noninteractive $$(command -v sudo >/dev/null 2>&1 && echo sudo) apt-get install -y -q chromium; }
 
 benchmark: $(VENV)/.installed
 	$(PY) benchmarks/bench_lidc_prepare.py
