@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-rotation", type=float, default=5.0, help="poses >= 1: rotation bound per axis, degrees (default 5)")
     d.add_argument("--max-shift", type=float, default=15.0, help="poses >= 1: shift bound across the beam mm (default 15)")
     d.add_argument("--max-depth", type=float, default=50.0, help="poses >= 1: shift bound along the beam mm (default 50)")
-    d.add_argument("--ray-step", type=float, default=2.0, help="sampling step along the rays mm (default 2)")
+    d.add_argument("--ray-step", type=float, default=4.0, help="sampling step along the rays mm (default 4)")
     d.add_argument("--mask-min-mm", type=float, default=1.0, help="label = 1 where the ray runs this far through the mask (default 1)")
     d.add_argument("--seed", type=int, default=0, help="seed of poses and noise (default 0)")
     d.add_argument("--cases", nargs="+", default=None, help="only these case ids (default: all in datalist.json)")

@@ -1,0 +1,17 @@
+"""What MONAI lacks for the lung-field bundle: input checks, slice sampling, clipping, HD95 in mm, data lists."""
+
+from __future__ import annotations
+
+from .data import inference_list, load_datalist
+from .handlers import GradientClipHandler, HausdorffDistanceMM
+from .transforms import CheckCTd, InputError, SliceLabeld
+
+__all__ = [
+    "CheckCTd",
+    "GradientClipHandler",
+    "HausdorffDistanceMM",
+    "InputError",
+    "SliceLabeld",
+    "inference_list",
+    "load_datalist",
+]

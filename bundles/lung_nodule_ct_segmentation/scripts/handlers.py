@@ -1,0 +1,168 @@
+"""Ignite handlers: nodule evaluation (Dice per nodule, FROC/CPM, CSVs) and the inference nodule table."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+from monai.utils import min_version, optional_import
+
+from .detection import FP_RATES, candidates, froc, local_dice, match_case, reference_nodules
+from .transforms import source_name, voxel_spacing, voxel_to_world_lps
+
+Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
+
+__all__ = ["NoduleEvaluationHandler", "NoduleTableWriter", "case_name"]
+
+logger = logging.getLogger(__name__)
+
+
+def case_name(item: dict, key: str = "pred") -> str:
+    """Case id of an output item: its datalist ``case_id`` or its file name without extension."""
+    if item.get("case_id"):
+        return str(item["case_id"])
+    name = Path(source_name(item, key)).name
+    for ext in (".nii.gz", ".nii", ".mhd", ".nrrd", ".dcm"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(k for r in rows for k in r)) if rows else ["case_id"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+
+
+class NoduleEvaluationHandler:
+    """Per-nodule Dice and LUNA16 detection over an evaluator's epoch; writes three CSVs.
+
+    Each output item needs ``pred`` (post-processed 0/1 mask ``(1, H, W, D)``), ``prob``
+    (probability ``(1, H, W, D)``) and ``label`` (instance label map ``(1, H, W, D)``, ``k`` =
+    nodule ``k``) on one grid. Writes under ``output_dir``: ``metrics.csv`` (one row: scans, nodules,
+    scan-level Dice, mean per-nodule Dice overall and for nodules >= ``large_mm``, sensitivities at
+    1/8..8 FP per scan, CPM), ``nodule_metrics.csv`` (one row per reference nodule) and
+    ``candidates.csv`` (one row per candidate), and puts the numbers in ``engine.state.metrics``.
+
+    Args:
+        output_dir: folder for the CSVs.
+        candidate_threshold: probability above which components become detection candidates.
+            Default 0.2.
+        min_volume_mm3: candidates smaller than this are dropped. Default 5.0.
+        large_mm: diameter (mm) from which nodules count as "large" for ``dice_ge_large``. Default 5.0.
+        prefix: file-name prefix. Default "".
+    """
+
+    def __init__(self, output_dir: str, candidate_threshold: float = 0.2, min_volume_mm3: float = 5.0, large_mm: float = 5.0, prefix: str = "") -> None:
+        self.output_dir = Path(output_dir)
+        self.candidate_threshold = float(candidate_threshold)
+        self.min_volume_mm3 = float(min_volume_mm3)
+        self.large_mm = float(large_mm)
+        self.prefix = prefix
+        self.reset()
+
+    def reset(self) -> None:
+        self.nodule_rows: list[dict] = []
+        self.candidate_rows: list[dict] = []
+        self.scan_dice: list[float] = []
+        self.n_scans = 0
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.reset())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def iteration_completed(self, engine) -> None:
+        for item in engine.state.output:
+            self.add_case(item)
+
+    def add_case(self, item: dict) -> None:
+        """Score one scan (an output item as described in the class docstring)."""
+        case = case_name(item, "label")
+        spacing = voxel_spacing(item["pred"])
+        pred = _np(item["pred"])[0] > 0
+        prob = _np(item["prob"])[0].astype(np.float32)
+        label = np.rint(_np(item["label"])[0]).astype(np.int32)
+        if pred.shape != label.shape:
+            raise ValueError(f"{case}: prediction {pred.shape} and label {label.shape} are not on one grid")
+        ref = label > 0
+        denom = ref.sum() + pred.sum()
+        self.scan_dice.append(float(2 * (ref & pred).sum() / denom) if denom else 1.0)
+        nodules = reference_nodules(label, spacing)
+        cands = candidates(prob, self.candidate_threshold, spacing, self.min_volume_mm3)
+        match_case(nodules, cands, spacing)
+        self.n_scans += 1
+        for nod in nodules:
+            margin = int(math.ceil(max(3.0, nod["diameter_mm"] / 2) / float(min(spacing))))
+            x, y, z = voxel_to_world_lps(item["label"], nod["centre"])
+            self.nodule_rows.append({
+                "case_id": case, "label": nod["label"], "centre_x_mm": round(x, 2), "centre_y_mm": round(y, 2),
+                "centre_z_mm": round(z, 2), "diameter_mm": round(nod["diameter_mm"], 2), "voxels": nod["voxels"],
+                "dice": round(local_dice(label, pred, nod["label"], margin), 4), "detected": nod["score"] is not None,
+                "score": None if nod["score"] is None else round(nod["score"], 4),
+            })  # fmt: skip
+        for c in cands:
+            x, y, z = voxel_to_world_lps(item["label"], c["centre"])
+            self.candidate_rows.append({
+                "case_id": case, "centre_x_mm": round(x, 2), "centre_y_mm": round(y, 2), "centre_z_mm": round(z, 2),
+                "volume_mm3": round(c["volume_mm3"], 1), "score": round(c["score"], 4), "hit_label": c["nodule"],
+            })  # fmt: skip
+
+    def summary(self) -> dict:
+        """The ``metrics.csv`` row of the scans added so far."""
+        dices = [r["dice"] for r in self.nodule_rows]
+        large = [r["dice"] for r in self.nodule_rows if r["diameter_mm"] >= self.large_mm]
+        det = froc([r["score"] for r in self.nodule_rows], [c["score"] for c in self.candidate_rows if c["hit_label"] == 0], self.n_scans, FP_RATES)
+        nan = float("nan")
+        return {
+            "scans": self.n_scans, "nodules": len(dices), f"nodules_ge_{self.large_mm:g}mm": len(large),
+            "scan_dice": float(np.mean(self.scan_dice)) if self.scan_dice else nan,
+            "nodule_dice": float(np.mean(dices)) if dices else nan,
+            f"nodule_dice_ge_{self.large_mm:g}mm": float(np.mean(large)) if large else nan,
+            "false_positives_per_scan": sum(1 for c in self.candidate_rows if c["hit_label"] == 0) / max(self.n_scans, 1),
+            **det,
+        }  # fmt: skip
+
+    def epoch_completed(self, engine) -> None:
+        row = self.summary()
+        _write_csv(self.output_dir / f"{self.prefix}metrics.csv", [row])
+        _write_csv(self.output_dir / f"{self.prefix}nodule_metrics.csv", self.nodule_rows)
+        _write_csv(self.output_dir / f"{self.prefix}candidates.csv", self.candidate_rows)
+        engine.state.metrics.update({k: v for k, v in row.items() if isinstance(v, float)})
+        logger.info("nodule evaluation: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+
+
+class NoduleTableWriter:
+    """Append each output item's nodule table (see ``NoduleTabled``) to ``<output_dir>/<filename>``.
+
+    Args:
+        output_dir: folder of the CSV.
+        filename: CSV file name. Default "nodules.csv".
+        table_key: item key holding the table. Default "nodules".
+    """
+
+    def __init__(self, output_dir: str, filename: str = "nodules.csv", table_key: str = "nodules") -> None:
+        self.path = Path(output_dir) / filename
+        self.table_key = table_key
+        self.rows: list[dict] = []
+
+    def attach(self, engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda e: self.rows.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda e: _write_csv(self.path, self.rows))
+
+    def iteration_completed(self, engine) -> None:
+        for item in engine.state.output:
+            case = case_name(item, "image")
+            self.rows.extend({"case_id": case, **r} for r in item.get(self.table_key, []))
+        _write_csv(self.path, self.rows)

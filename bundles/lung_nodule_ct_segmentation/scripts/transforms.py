@@ -1,0 +1,198 @@
+"""Input checks and nodule post-processing that MONAI lacks.
+
+* :class:`CheckSpacingd`: a scan whose voxel spacing is not the configured one (training and
+  evaluation: labels would be resampled by nearest neighbour and small nodules distorted) or too
+  coarse for nodules (any use) is refused with the file named.
+* :class:`CheckSized`: a scan (after resampling) smaller than the patch is padded with air, or
+  refused, by a config switch, with the file named.
+* :class:`NoduleTabled`: the per-nodule table of a post-processed mask (centre in world LPS mm,
+  volume, equivalent diameter, mean and max probability), stored in the data dictionary.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform, SpatialPad
+from scipy import ndimage
+
+__all__ = ["CheckSpacingd", "CheckSized", "NoduleTabled", "source_name", "voxel_spacing", "voxel_to_world_lps"]
+
+logger = logging.getLogger(__name__)
+
+
+def source_name(data: Mapping, key: Hashable) -> str:
+    """The file an item came from (``filename_or_obj`` of its metadata), or the key if unknown."""
+    img = data.get(key)
+    meta = img.meta if isinstance(img, MetaTensor) else data.get(f"{key}_meta_dict", {})
+    name = meta.get("filename_or_obj", None) if isinstance(meta, Mapping) else None
+    return str(name) if name else f"<{key}>"
+
+
+def voxel_spacing(img: torch.Tensor) -> np.ndarray:
+    """Voxel spacing (mm) along the array axes of a ``(C, H, W, D)`` MetaTensor, from its affine."""
+    affine = np.asarray(img.affine if isinstance(img, MetaTensor) else np.eye(4), dtype=np.float64)
+    return np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+
+
+def voxel_to_world_lps(img: torch.Tensor, ijk: Sequence[float]) -> tuple[float, float, float]:
+    """World (x, y, z) LPS mm of a continuous voxel index ``(i, j, k)`` of a MetaTensor.
+
+    MONAI's readers give affines in RAS world; DICOM and LUNA16 use LPS, so x and y change sign.
+    """
+    affine = np.asarray(img.affine, dtype=np.float64)
+    ras = affine[:3, :3] @ np.asarray(ijk, dtype=np.float64) + affine[:3, 3]
+    return float(-ras[0]), float(-ras[1]), float(ras[2])
+
+
+class CheckSpacingd(MapTransform):
+    """Refuse scans whose spacing does not suit the model, naming the file.
+
+    Args:
+        keys: image key(s) to check (``(C, H, W, D)`` MetaTensors, before ``Spacingd``).
+        pixdim: the spacing the model works at (mm, array-axis order after orientation).
+        require_match: True (training, evaluation): the spacing must equal ``pixdim`` within
+            ``atol``, since resampling a nodule label map by nearest neighbour distorts small
+            nodules (prepare the data at the model's spacing instead). False (inference): any
+            spacing up to ``max_spacing`` is resampled. Default False.
+        atol: tolerance in mm. Default 0.05.
+        max_spacing: coarsest spacing accepted along any axis (mm); a nodule of 3-5 mm vanishes in
+            thicker slices. Default 3.0.
+        allow_missing_keys: as MONAI. Default False.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, pixdim: Sequence[float], require_match: bool = False, atol: float = 0.05,
+        max_spacing: float = 3.0, allow_missing_keys: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = np.asarray(pixdim, dtype=np.float64)
+        self.require_match = require_match
+        self.atol = atol
+        self.max_spacing = max_spacing
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            spacing = voxel_spacing(d[key])
+            shown = ", ".join(f"{s:.3g}" for s in spacing)
+            if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+                raise ValueError(f"{source_name(d, key)}: invalid voxel spacing ({shown}) mm in its header")
+            if np.max(spacing) > self.max_spacing:
+                raise ValueError(
+                    f"{source_name(d, key)}: voxel spacing ({shown}) mm is coarser than {self.max_spacing} mm; "
+                    "nodules of a few mm cannot be segmented from such slices"
+                )
+            if self.require_match and not np.allclose(spacing, self.pixdim, atol=self.atol):
+                want = ", ".join(f"{s:.3g}" for s in self.pixdim)
+                raise ValueError(
+                    f"{source_name(d, key)}: voxel spacing ({shown}) mm does not match the config's pixdim ({want}) mm; "
+                    "training and evaluation need scans prepared at the model's spacing (e.g. "
+                    "`python -m data_prep luna16 ... --spacing 1`), because resampling a nodule label map "
+                    "distorts small nodules. Inference resamples any spacing."
+                )
+        return d
+
+
+class CheckSized(MapTransform):
+    """Pad scans smaller than the patch with air (or refuse them), naming the file.
+
+    Args:
+        keys: keys to pad (``(C, H, W, D)``); the first one is checked.
+        spatial_size: the patch size (voxels).
+        mode: ``"pad"`` (pad symmetrically with ``pad_values``, log a warning) or ``"raise"``.
+            Default "pad".
+        pad_values: value per key used for padding (air after windowing is 0). Default 0.
+        allow_missing_keys: as MONAI. Default False.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, spatial_size: Sequence[int], mode: str = "pad",
+        pad_values: Sequence[float] | float = 0.0, allow_missing_keys: bool = False,
+    ) -> None:  # fmt: skip
+        super().__init__(keys, allow_missing_keys)
+        if mode not in ("pad", "raise"):
+            raise ValueError(f"mode must be 'pad' or 'raise', got {mode!r}")
+        self.spatial_size = [int(s) for s in spatial_size]
+        self.mode = mode
+        self.pad_values = pad_values if isinstance(pad_values, Sequence) else [pad_values] * len(self.keys)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        shape = list(d[keys[0]].shape[1:])
+        if all(s >= p for s, p in zip(shape, self.spatial_size)):
+            return d
+        msg = (
+            f"{source_name(d, keys[0])}: scan of {' x '.join(map(str, shape))} voxels (after resampling) is smaller "
+            f"than the patch {' x '.join(map(str, self.spatial_size))}"
+        )
+        if self.mode == "raise":
+            raise ValueError(msg + "; use a smaller patch or set the config key `small_scan` to 'pad'")
+        logger.warning(msg + "; padded with air")
+        for key, value in zip(self.keys, self.pad_values):
+            if key in d:
+                d[key] = SpatialPad(self.spatial_size, mode="constant", value=value)(d[key])
+        return d
+
+
+class NoduleTabled(MapTransform):
+    """Describe each connected component of a nodule mask: the list a radiologist would review.
+
+    Args:
+        keys: the post-processed mask key (``(1, H, W, D)``, 0/1), e.g. ``"pred"``.
+        prob_key: key of the probability map ``(1, H, W, D)`` on the same grid. Default "prob".
+        table_key: where the table goes (a list of dicts). Default "nodules".
+        allow_missing_keys: as MONAI. Default False.
+
+    Each row has ``nodule`` (1..N, largest first), ``centre_{x,y,z}_mm`` (world LPS mm),
+    ``voxel_{i,j,k}`` (index in the mask's array), ``volume_mm3``, ``equivalent_diameter_mm``,
+    ``mean_probability``, ``max_probability``.
+    """
+
+    def __init__(self, keys: KeysCollection, prob_key: str = "prob", table_key: str = "nodules", allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.prob_key = prob_key
+        self.table_key = table_key
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = d[key]
+            prob = d.get(self.prob_key, mask)
+            d[self.table_key] = nodule_table(mask, prob)
+        return d
+
+
+def nodule_table(mask: torch.Tensor, prob: torch.Tensor) -> list[dict]:
+    """Rows of :class:`NoduleTabled` for a ``(1, H, W, D)`` mask and probability MetaTensor."""
+    m = np.asarray(mask.detach().cpu().numpy()[0] > 0)
+    p = np.asarray(prob.detach().cpu().numpy()[0], dtype=np.float32)
+    voxel_mm3 = float(np.prod(voxel_spacing(mask)))
+    comps, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return []
+    idx = np.arange(1, n + 1)
+    counts = ndimage.sum_labels(np.ones_like(p), comps, idx)
+    means = ndimage.mean(p, comps, idx)
+    maxes = ndimage.maximum(p, comps, idx)
+    centres = ndimage.center_of_mass(m, comps, idx)
+    rows = []
+    for order, j in enumerate(np.argsort(-counts)):
+        vol = float(counts[j]) * voxel_mm3
+        x, y, z = voxel_to_world_lps(mask, centres[j])
+        rows.append({
+            "nodule": order + 1, "centre_x_mm": round(x, 2), "centre_y_mm": round(y, 2), "centre_z_mm": round(z, 2),
+            "voxel_i": round(float(centres[j][0]), 2), "voxel_j": round(float(centres[j][1]), 2), "voxel_k": round(float(centres[j][2]), 2),
+            "volume_mm3": round(vol, 1), "equivalent_diameter_mm": round((6 * vol / math.pi) ** (1 / 3), 2),
+            "mean_probability": round(float(means[j]), 4), "max_probability": round(float(maxes[j]), 4),
+        })  # fmt: skip
+    return rows

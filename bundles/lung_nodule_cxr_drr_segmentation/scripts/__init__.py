@@ -1,0 +1,8 @@
+"""What MONAI lacks for the X-ray + DRR nodule segmenter: the fusion network, its losses, the training
+phases, radiograph I/O with input checks, and the per-image evaluation writer."""
+
+from __future__ import annotations
+
+from . import handlers, io, losses, network, phases
+
+__all__ = ["handlers", "io", "losses", "network", "phases"]

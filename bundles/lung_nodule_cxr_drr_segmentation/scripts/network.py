@@ -1,0 +1,339 @@
+"""X-ray + DRR fusion network: ResNet-50 X-ray encoder, multi-scale supervised attention on the DRR,
+fusion ``f * (1 + alpha * a)`` at 1/4, 1/8, 1/16 and 1/32, and a skip-connected decoder with
+transposed-convolution upsampling.
+
+The network is a plain ``(B, 2, H, W) -> (B, 1 + S, H, W)`` module so that ``verify_net_in_out``,
+``ckpt_export`` (TorchScript) and MONAI Label see an ordinary segmentation network:
+
+- input channel 0: the X-ray, scaled to [-1024, 1024] (torchxrayvision's convention);
+- input channel 1: the DRR of the patient's CT, scaled to [0, 1];
+- output channel 0: nodule logit at full resolution;
+- output channels 1..S: the attention logits of the S fusion scales (1/4, 1/8, 1/16, 1/32 by
+  default), each nearest-upsampled to full resolution. Supervising a nearest-upsampled coarse map
+  with the full-resolution mask gives the same gradient as supervising the coarse map with the
+  area-downsampled (soft) mask, so the attention losses need no second output.
+
+H and W must be multiples of 32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import ResNet
+
+__all__ = [
+    "BACKBONE_GROUPS",
+    "CxrDrrFusionNet",
+    "load_xrv_weights",
+    "map_torchvision_resnet_keys",
+    "param_groups",
+]
+
+# optimizer parameter groups, in the order ``param_groups`` returns them (names are module prefixes)
+BACKBONE_GROUPS = ("backbone.stem", "backbone.layer1", "backbone.layer2", "backbone.layer3", "backbone.layer4")
+NEW_GROUPS = ("attention", "fusion", "decoder")
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with a (projected) identity shortcut.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        stride: stride of the first convolution (2 halves H and W). Default 1.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn_relu(in_channels, out_channels, stride)
+        self.conv2 = nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut: nn.Module = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
+            )
+        else:
+            self.shortcut = nn.Identity()
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> (B, out_channels, H / stride, W / stride)."""
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+class MultiScaleAttention(nn.Module):
+    """Residual encoder on the DRR with a top-down pathway and one attention logit per fusion scale.
+
+    Args:
+        in_channels: DRR channels. Default 1.
+        channels: channels at 1/2 (stem) and at each attention scale 1/4, 1/8, 1/16, 1/32.
+            Default (16, 32, 48, 64, 64).
+        blocks_per_scale: residual blocks per scale (the first one strided). Default 2.
+    """
+
+    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 48, 64, 64), blocks_per_scale: int = 2) -> None:
+        super().__init__()
+        self.stem = _conv_bn_relu(in_channels, channels[0], stride=2)
+        stages = []
+        for c_in, c_out in zip(channels[:-1], channels[1:]):
+            blocks = [ResidualBlock(c_in, c_out, stride=2)] + [ResidualBlock(c_out, c_out) for _ in range(blocks_per_scale - 1)]
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        # top-down: the coarser scale's features, projected and upsampled, refine the finer one
+        # stored coarse to fine: lateral[k] maps scale n-1-k onto scale n-2-k (n = number of scales)
+        lateral = [nn.Conv2d(c_coarse, c_fine, 1) for c_fine, c_coarse in zip(channels[1:-1], channels[2:])]
+        self.lateral = nn.ModuleList(lateral[::-1])
+        self.heads = nn.ModuleList([nn.Conv2d(c, 1, 1) for c in channels[1:]])
+
+    def forward(self, drr: torch.Tensor) -> list[torch.Tensor]:
+        """(B, 1, H, W) -> attention logits [(B, 1, H/4, W/4), (B, 1, H/8, W/8), ...] (fine to coarse)."""
+        x = self.stem(drr)
+        feats: list[torch.Tensor] = []
+        for stage in self.stages:
+            x = stage(x)
+            feats.append(x)
+        n = len(feats)
+        refined: list[torch.Tensor] = [feats[n - 1]]
+        coarse = feats[n - 1]
+        for k, lat in enumerate(self.lateral):
+            i = n - 2 - k
+            coarse = feats[i] + F.interpolate(lat(coarse), size=feats[i].shape[-2:], mode="nearest")
+            refined.insert(0, coarse)
+        out: list[torch.Tensor] = []
+        for i, head in enumerate(self.heads):
+            out.append(head(refined[i]))
+        return out
+
+
+class UpBlock(nn.Module):
+    """Transposed-convolution upsampling (x2), concatenation with a skip, two 3x3 convolutions.
+
+    Args:
+        in_channels: channels of the coarse input.
+        skip_channels: channels of the skip connection (0: none).
+        out_channels: output channels.
+    """
+
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
+        self.conv = nn.Sequential(_conv_bn_relu(out_channels + skip_channels, out_channels), _conv_bn_relu(out_channels, out_channels))
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, in, h, w) [+ skip (B, skip, 2h, 2w)] -> (B, out, 2h, 2w)."""
+        x = self.up(x)
+        if skip is not None:
+            x = torch.cat([x, skip], dim=1)
+        return self.conv(x)
+
+
+class CxrDrrFusionNet(nn.Module):
+    """Nodule segmentation on a chest X-ray guided by a DRR of the patient's CT.
+
+    Args:
+        in_channels: input channels, must be 2 (X-ray, DRR). Default 2.
+        backbone_width: channels of the ResNet-50 stem; the bottleneck stages use width x (1, 2, 4, 8)
+            and output 4x that. 64 is torchvision's / torchxrayvision's ResNet-50 (needed for
+            ``xrv_weights``); smaller widths keep the same [3, 4, 6, 3] bottleneck layout. Default 64.
+        attention_channels: channels of the DRR attention path at 1/2, 1/4, 1/8, 1/16, 1/32.
+            Default (16, 32, 48, 64, 64).
+        decoder_channels: decoder channels at 1/32, 1/16, 1/8, 1/4, 1/2, 1/1. Default (256, 128, 64, 32, 16, 16).
+        fusion_alpha: initial value of the learnable per-scale fusion strength alpha. Default 1.0.
+        xrv_weights: optional local torchxrayvision ``resnet50-res512-all`` state dict (torchvision key
+            names, with or without a ``model.`` prefix); its 'Nodule' classifier row becomes the frozen
+            pathology prior head. Default None (backbone randomly initialised, prior head zero).
+        pathology_index: row of the classifier used as prior ('Nodule' = 11 in torchxrayvision). Default 11.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2,
+        backbone_width: int = 64,
+        attention_channels: Sequence[int] = (16, 32, 48, 64, 64),
+        decoder_channels: Sequence[int] = (256, 128, 64, 32, 16, 16),
+        fusion_alpha: float = 1.0,
+        xrv_weights: str | Path | None = None,
+        pathology_index: int = 11,
+    ) -> None:
+        super().__init__()
+        if in_channels != 2:
+            raise ValueError(f"CxrDrrFusionNet takes 2 input channels (X-ray, DRR), got in_channels={in_channels}.")
+        if len(attention_channels) != 5 or len(decoder_channels) != 6:
+            raise ValueError("attention_channels needs 5 entries (1/2..1/32), decoder_channels 6 (1/32..1/1).")
+        w = int(backbone_width)
+        self.backbone = ResNet(
+            "bottleneck", [3, 4, 6, 3], [w, 2 * w, 4 * w, 8 * w], spatial_dims=2, n_input_channels=1,
+            conv1_t_size=7, conv1_t_stride=2, bias_downsample=False, feed_forward=False,
+        )
+        feat_channels = [4 * w, 8 * w, 16 * w, 32 * w]  # layer1..layer4 at 1/4..1/32
+        # frozen pathology prior: torchxrayvision's 'Nodule' row of the classifier as a 1x1 convolution on layer4
+        self.prior = nn.Conv2d(feat_channels[-1], 1, kernel_size=1)
+        nn.init.zeros_(self.prior.weight)
+        nn.init.zeros_(self.prior.bias)
+        self.prior.requires_grad_(False)
+        self.attention = MultiScaleAttention(1, attention_channels)
+        self.fusion = nn.ParameterDict({"alpha": nn.Parameter(torch.full((4,), float(fusion_alpha)))})
+        d = list(decoder_channels)
+        self.decoder = nn.ModuleDict(
+            {
+                "bottleneck": nn.Sequential(nn.Conv2d(feat_channels[3] + 1, d[0], 1, bias=False), nn.BatchNorm2d(d[0]), nn.ReLU(inplace=True)),
+                "up16": UpBlock(d[0], feat_channels[2], d[1]),
+                "up8": UpBlock(d[1], feat_channels[1], d[2]),
+                "up4": UpBlock(d[2], feat_channels[0], d[3]),
+                "up2": UpBlock(d[3], w, d[4]),
+                "up1": UpBlock(d[4], 0, d[5]),
+                "head": nn.Conv2d(d[5], 1, 1),
+            }
+        )
+        if xrv_weights:
+            load_xrv_weights(self, xrv_weights, pathology_index)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 2, H, W) -> (B, 5, H, W): nodule logit, then attention logits at 1/4, 1/8, 1/16, 1/32 (upsampled)."""
+        xray = x[:, 0:1]
+        drr = x[:, 1:2]
+        att = self.attention(drr)
+        alpha = self.fusion["alpha"]
+        b = self.backbone
+        stem = b.act(b.bn1(b.conv1(xray)))
+        f1 = b.layer1(b.maxpool(stem))
+        f2 = b.layer2(f1)
+        f3 = b.layer3(f2)
+        f4 = b.layer4(f3)
+        f1 = f1 * (1.0 + alpha[0] * torch.sigmoid(att[0]))
+        f2 = f2 * (1.0 + alpha[1] * torch.sigmoid(att[1]))
+        f3 = f3 * (1.0 + alpha[2] * torch.sigmoid(att[2]))
+        f4 = f4 * (1.0 + alpha[3] * torch.sigmoid(att[3]))
+        dec = self.decoder
+        y = dec["bottleneck"](torch.cat([f4, self.prior(f4)], dim=1))
+        y = dec["up16"](y, f3)
+        y = dec["up8"](y, f2)
+        y = dec["up4"](y, f1)
+        y = dec["up2"](y, stem)
+        y = dec["up1"](y, None)
+        seg = dec["head"](y)
+        size = seg.shape[-2:]
+        outs = [seg]
+        for a in att:
+            outs.append(F.interpolate(a, size=size, mode="nearest"))
+        return torch.cat(outs, dim=1)
+
+
+def map_torchvision_resnet_keys(state_dict: Mapping[str, torch.Tensor], pathology_index: int = 11) -> dict[str, torch.Tensor]:
+    """Map a torchvision-named ResNet-50 state dict (torchxrayvision's weights file) onto ``CxrDrrFusionNet``.
+
+    ``conv1``, ``bn1``, ``layerN.*`` (with ``downsample.0/1``) keep their names under ``backbone.``;
+    MONAI's ``ResNet`` (2D, ``bias_downsample=False``) uses torchvision's names. The classifier row
+    ``fc.weight[pathology_index]`` / ``fc.bias[pathology_index]`` becomes ``prior.weight`` (1, C, 1, 1)
+    / ``prior.bias`` (1,). A ``model.`` (torchxrayvision's wrapper) or ``module.`` (DDP) prefix is
+    stripped. A 3-channel ``conv1`` (ImageNet weights) is summed over its input channels.
+
+    Args:
+        state_dict: the source weights.
+        pathology_index: classifier row to keep (11 = 'Nodule' in torchxrayvision's 18 outputs). Default 11.
+
+    Returns:
+        A state dict with keys ``backbone.*`` and ``prior.*``.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        k = key
+        for prefix in ("module.", "model."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        if k == "fc.weight":
+            if value.shape[0] <= pathology_index:
+                raise ValueError(f"fc.weight has {value.shape[0]} rows; no row {pathology_index} for the pathology prior.")
+            out["prior.weight"] = value[pathology_index].reshape(1, -1, 1, 1).clone()
+        elif k == "fc.bias":
+            out["prior.bias"] = value[pathology_index : pathology_index + 1].clone()
+        elif k.startswith(("conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")):
+            if k == "conv1.weight" and value.shape[1] == 3:
+                value = value.sum(dim=1, keepdim=True)
+            out["backbone." + k] = value
+        # anything else (op_threshs, upsample buffers of the wrapper) is not part of the network
+    return out
+
+
+def load_xrv_weights(net: CxrDrrFusionNet, path: str | Path, pathology_index: int = 11) -> None:
+    """Load a local torchxrayvision ResNet-50 weights file into ``net`` (backbone and frozen prior head).
+
+    Args:
+        net: the network (``backbone_width`` must be 64, as torchvision's ResNet-50).
+        path: state dict saved with ``torch.save(model.state_dict(), path)``; loaded with ``weights_only=True``.
+        pathology_index: classifier row used as the prior. Default 11 ('Nodule').
+
+    Raises:
+        ValueError: the file is not a plain state dict, or keys/shapes do not match a ResNet-50.
+    """
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickled module or something else than tensors
+        raise ValueError(
+            f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}); save the model's "
+            "state dict instead: torch.save(xrv_model.state_dict(), path)"
+        ) from e
+    if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
+        sd = sd["state_dict"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+    mapped = map_torchvision_resnet_keys(sd, pathology_index)
+    own = net.state_dict()
+    wanted = [k for k in own if k.startswith(("backbone.", "prior."))]
+    missing = [k for k in wanted if k not in mapped]
+    if missing:
+        raise ValueError(f"{path}: not a ResNet-50 state dict in torchvision naming; missing {len(missing)} keys, e.g. {missing[:3]}")
+    bad = [f"{k} {tuple(mapped[k].shape)} != {tuple(own[k].shape)}" for k in wanted if mapped[k].shape != own[k].shape]
+    if bad:
+        raise ValueError(f"{path}: shapes do not match (is backbone_width 64?): {bad[:3]}")
+    net.load_state_dict({k: mapped[k] for k in wanted}, strict=False)
+
+
+def _group_of(name: str) -> str | None:
+    if name.startswith("prior."):
+        return None  # always frozen
+    if name.startswith("backbone."):
+        sub = name.split(".")[1]
+        return f"backbone.{sub}" if sub.startswith("layer") else "backbone.stem"
+    return name.split(".")[0]
+
+
+def param_groups(net: nn.Module, lr: float, backbone_lr: float, weight_decay: float = 1e-4) -> list[dict]:
+    """Optimizer parameter groups: the backbone's stem and stages at ``backbone_lr``, new layers at ``lr``.
+
+    One group per module prefix (``BACKBONE_GROUPS`` + ``NEW_GROUPS``) so that the phase handler can
+    freeze whole groups exactly (it sets their learning rate to 0). The frozen prior head is left out.
+
+    Args:
+        net: the network (a ``DistributedDataParallel`` wrapper is unwrapped).
+        lr: learning rate of the attention path, fusion and decoder.
+        backbone_lr: learning rate of the ResNet-50 backbone (pretrained layers move slowly).
+        weight_decay: weight decay of every group. Default 1e-4.
+
+    Returns:
+        A list of dicts for ``torch.optim`` with ``name``, ``params``, ``lr`` and ``base_lr``.
+    """
+    net = getattr(net, "module", net)
+    groups: dict[str, list[nn.Parameter]] = {g: [] for g in BACKBONE_GROUPS + NEW_GROUPS}
+    for name, p in net.named_parameters():
+        g = _group_of(name)
+        if g is not None:
+            groups[g].append(p)
+    out = []
+    for g, params in groups.items():
+        if params:
+            rate = backbone_lr if g.startswith("backbone") else lr
+            out.append({"name": g, "params": params, "lr": rate, "base_lr": rate, "weight_decay": weight_decay})
+    return out

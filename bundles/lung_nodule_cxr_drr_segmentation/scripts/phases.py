@@ -1,0 +1,87 @@
+"""Ignite handler that switches training phases at configured epochs: which parameter groups train
+(partial unfreezing) and how much the segmentation and attention losses weigh."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+from ignite.engine import Engine, Events
+
+__all__ = ["TrainingPhases"]
+
+
+class TrainingPhases:
+    """Switch phases at the start of configured epochs.
+
+    Each phase is a mapping with ``name``, ``start_epoch`` (1-based), ``trainable`` (module prefixes
+    such as ``attention``, ``decoder``, ``backbone.layer4``; ``backbone`` means all of it),
+    ``seg_scale`` (multiplier of the mask losses; 0 in the attention warm-up) and
+    ``attention_weight``. Parameters outside ``trainable`` get ``requires_grad=False`` and an optimizer
+    group none of whose parameters trains gets learning rate 0 (exact freezing, also under DDP);
+    the others get back their ``base_lr``. The frozen prior head is never touched.
+
+    Args:
+        network: the network (a DDP wrapper is unwrapped).
+        optimizer: optimizer built from ``scripts.network.param_groups``.
+        loss: the ``FusionSegLoss`` whose ``seg_scale`` / ``attention_weight`` are set.
+        phases: the phases, any order; the first must start at epoch 1.
+    """
+
+    def __init__(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.nn.Module, phases: Sequence[Mapping]) -> None:
+        self.network = getattr(network, "module", network)
+        self.optimizer = optimizer
+        self.loss = loss
+        self.phases = sorted((dict(p) for p in phases), key=lambda p: int(p["start_epoch"]))
+        if not self.phases or int(self.phases[0]["start_epoch"]) != 1:
+            raise ValueError("phases: the first phase must have start_epoch 1")
+        self.current: str | None = None
+        self.logger = logging.getLogger(__name__)
+
+    def attach(self, engine: Engine) -> None:
+        """Apply the phase of each epoch when it starts."""
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def phase_for(self, epoch: int) -> dict:
+        """The phase in force at ``epoch`` (1-based)."""
+        active = self.phases[0]
+        for p in self.phases:
+            if int(p["start_epoch"]) <= epoch:
+                active = p
+        return active
+
+    def apply(self, phase: Mapping) -> None:
+        """Set trainable parameters, group learning rates and loss weights of ``phase``."""
+        prefixes = tuple(str(t).rstrip(".") for t in phase.get("trainable", []))
+
+        def trains(name: str) -> bool:
+            return any(name == t or name.startswith(t + ".") for t in prefixes) or (
+                "backbone.stem" in prefixes and name.startswith(("backbone.conv1.", "backbone.bn1."))
+            )
+
+        by_param: dict[int, bool] = {}
+        for name, p in self.network.named_parameters():
+            if name.startswith("prior."):
+                continue
+            on = trains(name)
+            p.requires_grad_(on)
+            by_param[id(p)] = on
+        for group in self.optimizer.param_groups:
+            on = any(by_param.get(id(p), False) for p in group["params"])
+            group["lr"] = group.get("base_lr", group["lr"]) if on else 0.0
+        if "seg_scale" in phase:
+            self.loss.seg_scale = float(phase["seg_scale"])
+        if "attention_weight" in phase:
+            self.loss.attention_weight = float(phase["attention_weight"])
+        self.current = str(phase.get("name", ""))
+
+    def __call__(self, engine: Engine) -> None:
+        phase = self.phase_for(engine.state.epoch)
+        if phase.get("name") != self.current:
+            self.apply(phase)
+            n = sum(p.numel() for p in self.network.parameters() if p.requires_grad)
+            self.logger.info(
+                f"epoch {engine.state.epoch}: phase '{self.current}' (trainable {list(phase.get('trainable', []))}, "
+                f"{n} parameters; seg_scale {self.loss.seg_scale}, attention_weight {self.loss.attention_weight})"
+            )

@@ -1,0 +1,8 @@
+"""What MONAI lacks for the pGGN classifier: networks, table reading and checks, batch preparation,
+the masked-reconstruction loss, binary-classification metrics and their report handler."""
+
+from __future__ import annotations
+
+from . import checkpoint, engine, handlers, metrics, networks, table, transforms
+
+__all__ = ["checkpoint", "engine", "handlers", "metrics", "networks", "table", "transforms"]

@@ -1,0 +1,202 @@
+"""The nodule table (``pggn.csv`` or a user's own) -> rows for MONAI datasets, with clear checks.
+
+A row becomes ``{"id", "patient_id", "fold", "features" (F,) float32, "label" (1,) float32,
+"image" (absolute crop path), <subset columns>}``; image paths in the table are relative to the
+table's folder unless absolute. Problems are reported with the file and what is wrong: a missing
+file or column, extra columns (when ``allow_extra_columns`` is false), empty / NaN / non-numeric
+feature values, label values other than 0/1, a missing crop, a split or label with one class.
+Rows whose label cell is empty are left out (the ``malignant`` label is empty for indeterminate
+nodules) and counted in the log.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["TableError", "read_table", "split_rows", "inference_rows"]
+
+logger = logging.getLogger(__name__)
+
+
+class TableError(ValueError):
+    """The table cannot be used as it is; the message names the file and the problem."""
+
+
+def _number(text: str) -> float:
+    value = float(text)
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(text)
+    return value
+
+
+def _show(ids: Sequence[str], n: int = 5) -> str:
+    return ", ".join(ids[:n]) + (f" and {len(ids) - n} more" if len(ids) > n else "")
+
+
+def read_table(
+    path: str, feature_columns: Sequence[str] = (), label_column: str | None = "malignant", image_column: str | None = None,
+    id_column: str = "nodule_id", patient_column: str = "patient_id", fold_column: str | None = "fold",
+    subset_columns: Sequence[str] = (), allow_extra_columns: bool = True,
+) -> list[dict]:  # fmt: skip
+    """Read and check the table.
+
+    Args:
+        path: CSV file.
+        feature_columns: numeric columns the tabular/fusion models take, in order. Default none.
+        label_column: binary label column (0/1, empty = leave the row out); None for inference. Default ``"malignant"``.
+        image_column: column with crop paths; None when no image is used. Default None.
+        id_column: nodule id column. Default ``"nodule_id"``.
+        patient_column: patient id column. Default ``"patient_id"``.
+        fold_column: patient-level fold column; None for inference. Default ``"fold"``.
+        subset_columns: 0/1 columns carried into the rows for per-subset metrics (e.g. ``ggn``). Default none.
+        allow_extra_columns: when False, columns the config does not name are an error. Default True.
+
+    Returns:
+        One dict per usable row.
+
+    Raises:
+        FileNotFoundError: the table or a crop is missing.
+        TableError: a column is missing (or extra), a value is not usable.
+    """
+    path_ = Path(path)
+    if not path_.is_file():
+        raise FileNotFoundError(f"table {path_} not found (make one with `python -m data_prep pggn` or `pggn-table`, or set `datalist`)")
+    feature_columns = list(feature_columns)
+    dup = sorted({c for c in feature_columns if feature_columns.count(c) > 1})
+    if dup:
+        raise TableError(f"feature_columns lists {dup} more than once")
+    if label_column and label_column in feature_columns:
+        raise TableError(f"the label column '{label_column}' is also in feature_columns: the model would see its own label")
+    with open(path_, newline="") as f:
+        reader = csv.DictReader(f)
+        header = list(reader.fieldnames or [])
+        rows = list(reader)
+    needed = {"feature_columns": feature_columns, "label_column": [label_column] if label_column else [],
+              "image_column": [image_column] if image_column else [], "id_column": [id_column],
+              "patient_column": [patient_column], "fold_column": [fold_column] if fold_column else [],
+              "subset_columns": list(subset_columns)}  # fmt: skip
+    missing = {k: [c for c in cols if c not in header] for k, cols in needed.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    if missing:
+        what = "; ".join(f"{k}: {v}" for k, v in missing.items())
+        raise TableError(f"{path_}: missing column(s) ({what}); the table has {header}")
+    used = {c for cols in needed.values() for c in cols}
+    extra = [c for c in header if c not in used]
+    if extra and not allow_extra_columns:
+        raise TableError(f"{path_}: extra column(s) {extra} not named by the config (allow_extra_columns is false)")
+    if extra:
+        logger.info("%s: %d column(s) not used by this configuration: %s", path_, len(extra), ", ".join(extra))
+    if not rows:
+        raise TableError(f"{path_}: no rows")
+
+    out, unlabelled = [], 0
+    bad_features: dict[str, list[str]] = {}
+    bad_labels: list[str] = []
+    for n, row in enumerate(rows):
+        rid = row[id_column] or f"row {n + 2}"
+        label = None
+        if label_column:
+            text = (row[label_column] or "").strip()
+            if text == "":
+                unlabelled += 1
+                continue
+            try:
+                label = _number(text)
+            except ValueError:
+                label = -1.0
+            if label not in (0.0, 1.0):
+                bad_labels.append(f"{rid}={text!r}")
+                continue
+        values = []
+        for c in feature_columns:
+            try:
+                values.append(_number(row[c]))
+            except (TypeError, ValueError):
+                bad_features.setdefault(c, []).append(rid)
+        item = {"id": rid, "patient_id": row[patient_column], "features": np.asarray(values, dtype=np.float32)}
+        if fold_column:
+            try:
+                item["fold"] = int(float(row[fold_column]))
+            except ValueError as exc:
+                raise TableError(f"{path_}: fold of {rid} is {row[fold_column]!r}, not an integer") from exc
+        if label is not None:
+            item["label"] = np.asarray([label], dtype=np.float32)
+        for c in subset_columns:
+            item[c] = int(float(row[c] or 0))
+        if image_column:
+            crop = Path(row[image_column])
+            item["image"] = str(crop if crop.is_absolute() else path_.parent / crop)
+        out.append(item)
+    if bad_features:
+        detail = "; ".join(f"'{c}' in {_show(ids)}" for c, ids in bad_features.items())
+        raise TableError(f"{path_}: empty, NaN or non-numeric feature values ({detail}); fill or drop them before training")
+    if bad_labels:
+        raise TableError(f"{path_}: label column '{label_column}' must hold 0 or 1 (or be empty to leave a row out): {_show(bad_labels)}")
+    if unlabelled:
+        logger.info("%s: %d row(s) with an empty '%s' left out", path_, unlabelled, label_column)
+    if not out:
+        raise TableError(f"{path_}: no row has a label in '{label_column}'")
+    if image_column:
+        absent = [r["image"] for r in out if not Path(r["image"]).is_file()]
+        if absent:
+            raise FileNotFoundError(f"{path_}: {len(absent)} crop file(s) of column '{image_column}' not found: {_show(absent, 3)}")
+    return out
+
+
+def _check_classes(rows: Sequence[dict], what: str, source: str, label_column: str) -> None:
+    classes = sorted({float(r["label"][0]) for r in rows})
+    if len(classes) < 2:
+        raise TableError(
+            f"{source}: label column '{label_column}' has only class {int(classes[0])} among the {len(rows)} {what}; "
+            "a binary classifier needs both 0 and 1 (check the label thresholds, the folds or val_fold)"
+        )
+
+
+def split_rows(rows: Sequence[dict], val_fold: int, source: str = "table", label_column: str = "label") -> tuple[list[dict], list[dict]]:
+    """Training rows (fold != ``val_fold``) and validation rows (fold == ``val_fold``), each with both classes.
+
+    Args:
+        rows: from :func:`read_table`.
+        val_fold: the held-out fold.
+        source: the table's name for messages. Default ``"table"``.
+        label_column: the label's column name for messages. Default ``"label"``.
+
+    Raises:
+        TableError: a side is empty or has one class.
+    """
+    train = [r for r in rows if r["fold"] != val_fold]
+    val = [r for r in rows if r["fold"] == val_fold]
+    folds = sorted({r["fold"] for r in rows})
+    for what, part in (("training rows", train), (f"validation rows (fold {val_fold})", val)):
+        if not part:
+            raise TableError(f"{source}: no {what}; folds present: {folds}")
+        _check_classes(part, what, source, label_column)
+    return train, val
+
+
+def inference_rows(input_path: str, feature_columns: Sequence[str] = (), image_column: str | None = None,
+                   id_column: str = "nodule_id", patient_column: str = "patient_id") -> list[dict]:  # fmt: skip
+    """Rows to predict: a CSV table (features and/or crop paths; labels not needed), one crop
+    (``.nii``/``.nii.gz``) or a folder of crops (image-only model).
+
+    Raises:
+        FileNotFoundError: nothing at ``input_path``.
+        TableError: the model needs table features but the input is crops only.
+    """
+    p = Path(input_path)
+    if not p.exists():
+        raise FileNotFoundError(f"input_path {p} not found")
+    if p.suffix.lower() == ".csv":
+        return read_table(str(p), feature_columns, None, image_column, id_column, patient_column, None)
+    if feature_columns:
+        raise TableError(f"input_path {p}: this model takes table features {list(feature_columns)}; give a CSV with them (and crop paths)")
+    files = sorted(p.glob("*.nii*")) if p.is_dir() else [p]
+    if not files:
+        raise FileNotFoundError(f"input_path {p}: no .nii/.nii.gz crops")
+    return [{"id": f.name.split(".nii")[0], "patient_id": "", "features": np.zeros(0, np.float32), "image": str(f)} for f in files]

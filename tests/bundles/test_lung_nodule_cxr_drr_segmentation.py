@@ -1,0 +1,486 @@
+"""Tests of the lung_nodule_cxr_drr_segmentation bundle: X-ray + DRR fusion nodule segmenter.
+
+The DRR sets used here are tiny synthetic 2D pairs written in the DRR data contract (smooth
+anatomy-like backgrounds, bright disks as nodules, a DRR-like and an X-ray-like rendering of the same
+field); the shipped model is trained outside the tests (docs/README.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from scipy import ndimage
+
+from tests.bundles.conftest import BUNDLES, bundle_scripts, run_bundle
+
+NAME = "lung_nodule_cxr_drr_segmentation"
+BUNDLE = BUNDLES / NAME
+SIZE = 64  # pixels of the synthetic pairs and of the network grid in the tests
+
+
+# ----------------------------------------------------------------------------------------------
+# synthetic DRR sets in the data contract
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(rng: np.random.Generator, size: int, radius: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One (drr, xray, mask), float32 [0, 1] and uint8, (H, W); ``radius`` None: no nodule."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    anatomy = ndimage.gaussian_filter(rng.normal(size=(size, size)), size / 10)
+    anatomy = (anatomy - anatomy.min()) / (np.ptp(anatomy) + 1e-6)
+    ribs = 0.15 * (np.sin(yy / size * 2 * np.pi * rng.uniform(4, 6) + rng.uniform(0, 6)) > 0.7)
+    body = 0.4 * anatomy + ribs
+    mask = np.zeros((size, size), np.uint8)
+    if radius is not None:
+        cy, cx = rng.uniform(radius + 2, size - radius - 2, size=2)
+        mask = (((yy - cy) ** 2 + (xx - cx) ** 2) <= radius**2).astype(np.uint8)
+    drr = body + 0.5 * mask
+    xray = ndimage.gaussian_filter(body**1.3 + 0.35 * mask, 0.8) + rng.normal(0, 0.03, (size, size))
+    norm = lambda a: ((a - a.min()) / (np.ptp(a) + 1e-6)).astype(np.float32)  # noqa: E731
+    return norm(drr), norm(xray), mask
+
+
+def _write(arr: np.ndarray, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = sitk.GetImageFromArray(arr)  # (H, W) -> size (W, H), as the contract says
+    img.SetSpacing((1.0, 1.0))
+    sitk.WriteImage(img, str(path))
+
+
+def make_drr_set(root: Path, n: int, folds: list[int], seed: int = 0, size: int = SIZE, negatives: int = 1) -> Path:
+    """Write ``n`` synthetic pairs (the last ``negatives`` without a nodule) with the given folds (cycled)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for i in range(n):
+        radius = None if i >= n - negatives else float(rng.uniform(3, 8))
+        drr, xray, mask = _pair(rng, size, radius)
+        sample = f"case{i:03d}_p0"
+        for sub, arr in (("images/drr", drr), ("images/xray", xray), ("labels/nodules", mask), ("labels/lungs", np.ones_like(mask))):
+            _write(arr, root / sub / f"{sample}.nii.gz")
+        items.append({
+            "xray": f"images/xray/{sample}.nii.gz", "drr": f"images/drr/{sample}.nii.gz",
+            "label": f"labels/nodules/{sample}.nii.gz", "lung": f"labels/lungs/{sample}.nii.gz",
+            "fold": folds[i % len(folds)], "case_id": f"case{i:03d}", "patient_id": f"case{i:03d}", "pose": 0,
+            "max_diameter_mm": None if radius is None else 2 * radius,
+        })
+    (root / "datalist.json").write_text(json.dumps({"training": items}, indent=1))
+    return root
+
+
+SMALL = {"image_size": SIZE, "num_workers": 0, "batch_size": 4}
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two threads per process are much slower than one on a loaded 2-core machine
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _group(metrics_csv: Path, group: str) -> dict:
+    return next(r for r in _read_csv(metrics_csv) if r["group"] == group)
+
+
+def _torchvision_resnet50_state_dict(num_classes: int = 18, prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Random tensors under torchvision's ResNet-50 key names and shapes (written out here, not taken from the bundle)."""
+    g = torch.Generator().manual_seed(0)
+    sd: dict[str, torch.Tensor] = {}
+
+    def bn(name: str, c: int) -> None:
+        sd[f"{name}.weight"] = torch.rand(c, generator=g) + 0.5
+        sd[f"{name}.bias"] = torch.randn(c, generator=g)
+        sd[f"{name}.running_mean"] = torch.randn(c, generator=g)
+        sd[f"{name}.running_var"] = torch.rand(c, generator=g) + 0.5
+        sd[f"{name}.num_batches_tracked"] = torch.tensor(7)
+
+    sd["conv1.weight"] = torch.randn(64, 1, 7, 7, generator=g)
+    bn("bn1", 64)
+    in_c = 64
+    for i, (blocks, planes) in enumerate(zip([3, 4, 6, 3], [64, 128, 256, 512]), start=1):
+        for j in range(blocks):
+            p = f"layer{i}.{j}"
+            sd[f"{p}.conv1.weight"] = torch.randn(planes, in_c, 1, 1, generator=g)
+            bn(f"{p}.bn1", planes)
+            sd[f"{p}.conv2.weight"] = torch.randn(planes, planes, 3, 3, generator=g)
+            bn(f"{p}.bn2", planes)
+            sd[f"{p}.conv3.weight"] = torch.randn(planes * 4, planes, 1, 1, generator=g)
+            bn(f"{p}.bn3", planes * 4)
+            if j == 0:
+                sd[f"{p}.downsample.0.weight"] = torch.randn(planes * 4, in_c, 1, 1, generator=g)
+                bn(f"{p}.downsample.1", planes * 4)
+            in_c = planes * 4
+    sd["fc.weight"] = torch.randn(num_classes, 2048, generator=g)
+    sd["fc.bias"] = torch.randn(num_classes, generator=g)
+    return {prefix + k: v for k, v in sd.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# network, key mapping, loss, phases
+# ----------------------------------------------------------------------------------------------
+
+
+def test_xrv_key_mapping_loads_torchvision_named_resnet50(tmp_path):
+    """A torchxrayvision-style state dict (torchvision names, 'model.' prefix) fills the backbone exactly and row 11 of fc becomes the frozen prior head."""
+    src = _torchvision_resnet50_state_dict()
+    path = tmp_path / "xrv_resnet50.pt"
+    torch.save(src, path)
+    with bundle_scripts(BUNDLE) as scripts:
+        net = scripts.network.CxrDrrFusionNet(backbone_width=64, attention_channels=(4,) * 5, decoder_channels=(8,) * 6)
+        scripts.network.load_xrv_weights(net, path)  # what xrv_weights=<path> does at construction
+        own = net.state_dict()
+        for key, value in src.items():
+            k = key[len("model."):]
+            if k.startswith("fc."):
+                continue
+            assert torch.equal(own["backbone." + k], value), k
+        assert torch.equal(own["prior.weight"].flatten(), src["model.fc.weight"][11])
+        assert torch.equal(own["prior.bias"], src["model.fc.bias"][11:12])
+        assert not any(p.requires_grad for p in net.prior.parameters())
+        groups = scripts.network.param_groups(net, lr=1e-3, backbone_lr=1e-4)
+        assert all(id(p) not in {id(q) for q in net.prior.parameters()} for g in groups for p in g["params"])
+        # a narrower backbone cannot take ResNet-50 weights: clear message, not a deep traceback
+        with pytest.raises(ValueError, match="backbone_width 64"):
+            scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(4,) * 5, decoder_channels=(8,) * 6, xrv_weights=str(path))
+        # a pickled module instead of a state dict is refused (weights_only=True)
+        torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+        with pytest.raises(ValueError, match="state dict"):
+            scripts.network.load_xrv_weights(net, tmp_path / "module.pt")
+
+
+def test_network_fuses_drr_attention_at_each_scale():
+    """Output is (B, 5, H, W): nodule logit plus attention at 1/4..1/32 (constant on 4..32-pixel blocks); the DRR changes the mask only through fusion (alpha)."""
+    with bundle_scripts(BUNDLE) as scripts:
+        torch.manual_seed(0)
+        net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8)).eval()
+        x = torch.randn(2, 2, 64, 64)
+        with torch.no_grad():
+            y = net(x)
+            assert y.shape == (2, 5, 64, 64)
+            for k, block in enumerate([4, 8, 16, 32], start=1):
+                a = y[:, k].reshape(2, 64 // block, block, 64 // block, block)
+                assert torch.allclose(a, a[:, :, :1, :, :1].expand_as(a)), block
+            x2 = x.clone()
+            x2[:, 1] = torch.randn(2, 64, 64)
+            assert not torch.equal(net(x2)[:, 0], y[:, 0])  # the DRR steers the segmentation
+            net.fusion["alpha"].data.zero_()
+            assert torch.equal(net(x2)[:, 0], net(x)[:, 0])  # ... only through f * (1 + alpha * a)
+
+
+def test_loss_prefers_the_right_mask_and_allows_empty_masks():
+    """Tversky + focal Tversky + weighted BCE + attention BCE: lower for the right mask, finite on an empty mask, weights switch terms off."""
+    with bundle_scripts(BUNDLE) as scripts:
+        loss = scripts.losses.FusionSegLoss()
+        target = torch.zeros(2, 1, 32, 32)
+        target[:, :, 10:16, 10:16] = 1
+        good = (target * 20 - 10).repeat(1, 5, 1, 1)
+        bad = torch.roll(good, shifts=12, dims=-1)
+        assert loss(good, target) < 0.2 * loss(bad, target)
+        empty = torch.zeros_like(target)
+        assert torch.isfinite(loss(bad, empty)) and loss(-10 * torch.ones_like(good), empty) < loss(bad, empty)
+        loss.seg_scale, loss.attention_weight = 0.0, 1.0
+        only_att = good.clone()
+        only_att[:, 0] = -good[:, 0]  # wrong mask channel, right attention: no penalty in the warm-up
+        assert loss(only_att, target) < 0.05
+
+
+def test_phases_handler_freezes_groups_and_switches_loss_weights():
+    """The phase handler freezes / unfreezes parameter groups at the configured epochs (lr 0 for frozen groups) and sets the loss weights."""
+    from ignite.engine import Engine, Events
+
+    with bundle_scripts(BUNDLE) as scripts:
+        net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        opt = torch.optim.AdamW(scripts.network.param_groups(net, lr=1e-3, backbone_lr=1e-4))
+        loss = scripts.losses.FusionSegLoss()
+        phases = [
+            {"name": "warmup", "start_epoch": 1, "trainable": ["attention"], "seg_scale": 0.0, "attention_weight": 1.0},
+            {"name": "joint", "start_epoch": 2, "trainable": ["attention", "fusion", "decoder"], "seg_scale": 1.0, "attention_weight": 0.5},
+            {"name": "finetune", "start_epoch": 4, "trainable": ["attention", "fusion", "decoder", "backbone.layer4"], "seg_scale": 1.0, "attention_weight": 0.1},
+        ]
+        handler = scripts.phases.TrainingPhases(net, opt, loss, phases)
+        engine = Engine(lambda e, b: None)
+        handler.attach(engine)
+        seen = {}
+
+        @engine.on(Events.EPOCH_COMPLETED)
+        def record(e):
+            lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+            seen[e.state.epoch] = (lrs, loss.seg_scale, loss.attention_weight,
+                                   net.backbone.layer4[0].conv1.weight.requires_grad, net.decoder["head"].weight.requires_grad,
+                                   net.attention.stem[0].weight.requires_grad, net.backbone.layer1[0].conv1.weight.requires_grad)
+
+        engine.run([0], max_epochs=4)
+        lrs, seg, att, l4, dec, attn, l1 = seen[1]
+        assert (seg, att, l4, dec, attn, l1) == (0.0, 1.0, False, False, True, False)
+        assert lrs["attention"] == 1e-3 and lrs["decoder"] == 0.0 and lrs["backbone.layer4"] == 0.0
+        lrs, seg, att, l4, dec, attn, l1 = seen[3]
+        assert (seg, att, l4, dec) == (1.0, 0.5, False, True) and lrs["decoder"] == 1e-3
+        lrs, seg, att, l4, dec, attn, l1 = seen[4]
+        assert (att, l4, l1) == (0.1, True, False)
+        assert lrs["backbone.layer4"] == 1e-4 and lrs["backbone.layer1"] == 0.0 and lrs["backbone.stem"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# input formats and bad input
+# ----------------------------------------------------------------------------------------------
+
+
+def _write_dicom(path: Path, pixels: np.ndarray, photometric: str) -> None:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CR"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(str(path), enforce_file_format=True)
+
+
+def test_radiograph_formats_and_bad_input_are_handled(tmp_path):
+    """PNG 8/16-bit and gray-as-RGB, DICOM MONOCHROME1 (inverted) and 2D NIfTI read alike; colour, mismatched fields and constant images are refused naming the file."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    base = ndimage.gaussian_filter(rng.random((48, 64)), 3)
+    base = (base - base.min()) / np.ptp(base)
+    u8, u16 = np.round(base * 255).astype(np.uint8), np.round(base * 4095).astype(np.uint16)
+    Image.fromarray(u8).save(tmp_path / "gray8.png")
+    Image.fromarray(u16).save(tmp_path / "gray16.png")
+    Image.fromarray(np.stack([u8] * 3, -1)).save(tmp_path / "gray_rgb.png")
+    colour = np.stack([u8, 255 - u8, u8], -1)
+    Image.fromarray(colour).save(tmp_path / "colour.png")
+    _write_dicom(tmp_path / "mono2.dcm", u16, "MONOCHROME2")
+    _write_dicom(tmp_path / "mono1.dcm", 4095 - u16, "MONOCHROME1")
+    _write(base.astype(np.float32), tmp_path / "image.nii.gz")
+    Image.fromarray(np.full((48, 64), 7, np.uint8)).save(tmp_path / "blank.png")
+    Image.fromarray(u8[:, :40]).save(tmp_path / "narrow.png")
+    Image.fromarray(np.kron(u8, np.ones((2, 2), np.uint8))).save(tmp_path / "double.png")
+
+    def unit(a):
+        a = np.asarray(a, np.float64)
+        return (a - a.min()) / np.ptp(a)
+
+    with bundle_scripts(BUNDLE) as scripts:
+        io = scripts.io
+        for name in ["gray8.png", "gray16.png", "gray_rgb.png", "mono2.dcm", "mono1.dcm", "image.nii.gz"]:
+            arr, info = io.read_radiograph(tmp_path / name)
+            assert arr.shape == (48, 64), name
+            assert np.abs(unit(arr) - base).max() < 0.01, name  # same picture, bright = bright, rows = rows
+        assert io.read_radiograph(tmp_path / "gray16.png")[0].max() > 255  # 16 bits kept, not clipped to 8
+        assert io.read_radiograph(tmp_path / "mono1.dcm")[1]["spacing"] == (0.5, 0.5)
+        with pytest.raises(io.InputError, match=r"colour\.png.*colour"):
+            io.read_radiograph(tmp_path / "colour.png")
+        with pytest.raises(io.InputError, match=r"blank\.png.*constant"):
+            io.LoadRadiographd(["xray"])({"xray": str(tmp_path / "blank.png")})
+        with pytest.raises(io.InputError, match=r"missing\.png: no such file"):
+            io.read_radiograph(tmp_path / "missing.png")
+        load = io.LoadRadiographd(["xray", "drr"])
+        check = io.CheckPaird(["xray", "drr"], label_key="label")
+        with pytest.raises(io.InputError, match=r"narrow\.png.*aspect ratio.*gray8\.png"):
+            check(load({"xray": str(tmp_path / "gray8.png"), "drr": str(tmp_path / "narrow.png")}))
+        ok = check(load({"xray": str(tmp_path / "gray8.png"), "drr": str(tmp_path / "double.png")}))  # same field, twice the pixels
+        assert ok["drr"].shape == (1, 96, 128) and ok["xray"].shape == (1, 48, 64)
+        mask = io.LoadRadiographd("label", binary=True)({"label": str(tmp_path / "gray8.png")})["label"]
+        assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# train / evaluate / infer / export, the way users run them
+# ----------------------------------------------------------------------------------------------
+
+TRAIN_EPOCHS = 8
+# a short schedule for the tests: one epoch of attention warm-up, joint from epoch 2, fine-tuning from 7
+SHORT = {**SMALL, "max_epochs": TRAIN_EPOCHS, "val_interval": 2, "learning_rate": 0.003,
+         "phases_scratch__1__start_epoch": 2, "phases_scratch__2__start_epoch": 7}
+
+
+def _untrained_checkpoint(path: Path) -> None:
+    """The bundle's network as training starts (same config, same seed), saved as a state dict."""
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    with bundle_scripts(BUNDLE):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "train.json"))
+        parser["image_size"] = SIZE
+        set_determinism(seed=0)
+        net = parser.get_parsed_content("network_def")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    """A short training run on synthetic pairs; a separate held-out set of pairs for evaluation."""
+    root = tmp_path_factory.mktemp("cxr_drr")
+    train_set = make_drr_set(root / "train", 20, folds=[0, 1, 1, 1], seed=0, negatives=2)
+    test_set = make_drr_set(root / "test", 8, folds=[0], seed=1, negatives=1)
+    out = {"root": root, "train_set": train_set, "test_set": test_set, "ckpt_dir": root / "ckpt", "output_dir": root / "train_out"}
+    out["train_proc"] = run_bundle(BUNDLE, ["configs/train.json"], env=ONE_THREAD, dataset_dir=str(train_set),
+                                   ckpt_dir=str(out["ckpt_dir"]), output_dir=str(out["output_dir"]), **SHORT)
+    return out
+
+
+def _evaluate(ckpt_dir: Path, test_set: Path, output_dir: Path, in_process: bool = False) -> Path:
+    """Run train.json + evaluate.json on fold 0 of ``test_set`` (as users do, or in this process to save a start-up)."""
+    overrides = {"dataset_dir": str(test_set), "ckpt_dir": str(ckpt_dir), "output_dir": str(output_dir), "val_fold": 0, **SMALL}
+    if in_process:
+        from monai.bundle import run
+
+        with bundle_scripts(BUNDLE):
+            run(config_file=[str(BUNDLE / "configs" / c) for c in ("train.json", "evaluate.json")], **overrides)
+    else:
+        run_bundle(BUNDLE, ["configs/train.json", "configs/evaluate.json"], env=ONE_THREAD, **overrides)
+    return output_dir
+
+
+@pytest.mark.slow
+def test_training_beats_untrained_start_on_heldout_pairs(trained, tmp_path):
+    """A short training run (three phases) segments held-out pairs far better than its untrained start; evaluation writes per-image and per-size CSVs."""
+    assert (trained["ckpt_dir"] / "model.pt").is_file()
+    assert list((trained["output_dir"] / "tensorboard").glob("events.out.tfevents.*"))
+    log = trained["train_proc"].stdout + trained["train_proc"].stderr
+    assert all(f"phase '{p}'" in log for p in ("attention_warmup", "joint", "finetune"))
+    _untrained_checkpoint(tmp_path / "untrained" / "model.pt")
+    before = _evaluate(tmp_path / "untrained", trained["test_set"], tmp_path / "eval_before", in_process=True)
+    after = _evaluate(trained["ckpt_dir"], trained["test_set"], tmp_path / "eval_after")
+    dice_before = float(_group(before / "metrics.csv", "all")["dice"])
+    dice_after = float(_group(after / "metrics.csv", "all")["dice"])
+    assert dice_after > dice_before + 0.25, (dice_before, dice_after)
+    att_after = float(_group(after / "metrics.csv", "all")["attention_dice"])
+    assert att_after > float(_group(before / "metrics.csv", "all")["attention_dice"])
+    rows = _read_csv(after / "per_image.csv")
+    assert len(rows) == 8 and {"dice", "iou", "precision", "recall", "attention_dice", "max_diameter_mm"} <= set(rows[0])
+    groups = {r["group"]: int(r["n"]) for r in _read_csv(after / "metrics.csv")}
+    assert groups["no_nodule"] == 1 and groups[">=10mm"] + groups["<10mm"] == groups["all"] == 7
+
+
+def test_inference_png_and_dicom_pair_writes_mask_and_attention(trained, tmp_path):
+    """inference.json takes a PNG X-ray and a DICOM DRR of another size and writes mask and attention (PNG + NIfTI) at the X-ray's size."""
+    from PIL import Image
+
+    import nibabel as nib
+
+    item = json.loads((trained["test_set"] / "datalist.json").read_text())["training"][0]
+    xray = sitk.GetArrayFromImage(sitk.ReadImage(str(trained["test_set"] / item["xray"])))
+    drr = sitk.GetArrayFromImage(sitk.ReadImage(str(trained["test_set"] / item["drr"])))
+    Image.fromarray(np.round(xray * 255).astype(np.uint8)).save(tmp_path / "cxr.png")
+    big = ndimage.zoom(drr, 2, order=1)
+    _write_dicom(tmp_path / "drr.dcm", 4095 - np.round(np.clip(big, 0, 1) * 4095), "MONOCHROME1")
+    out = tmp_path / "pred"
+    run_bundle(BUNDLE, ["configs/inference.json"], env=ONE_THREAD, ckpt_dir=str(trained["ckpt_dir"]), output_dir=str(out),
+               xray_path=str(tmp_path / "cxr.png"), drr_path=str(tmp_path / "drr.dcm"), image_size=SIZE)
+    mask_png = np.asarray(Image.open(out / "cxr_mask.png"))
+    att_png = np.asarray(Image.open(out / "cxr_attention.png"))
+    assert mask_png.shape == att_png.shape == xray.shape and set(np.unique(mask_png)) <= {0, 255}
+    mask_nii = nib.load(out / "cxr_mask.nii.gz").get_fdata().T
+    assert np.array_equal(mask_nii > 0, mask_png > 0)
+    label = sitk.GetArrayFromImage(sitk.ReadImage(str(trained["test_set"] / item["label"])))
+    inter = np.logical_and(mask_png > 0, label > 0).sum()
+    assert 2 * inter / ((mask_png > 0).sum() + label.sum()) > 0.3  # the trained model finds the nodule
+    assert att_png[label > 0].mean() > att_png[label == 0].mean()
+
+
+def test_verify_net_in_out_and_ckpt_export(trained, tmp_path):
+    """verify_net_in_out passes with metadata.json, and ckpt_export writes a TorchScript model that matches the eager network."""
+    env = {**os.environ, "PYTHONPATH": "", **ONE_THREAD}
+    meta, cfg = "configs/metadata.json", "configs/inference.json"
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", meta,
+                           "--config_file", cfg, "--n", "2"], cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "data shape of network is verified" in proc.stdout + proc.stderr, proc.stderr[-2000:]
+    ts = tmp_path / "model.ts"
+    proc = subprocess.run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
+                           "--ckpt_file", str(trained["ckpt_dir"] / "model.pt"), "--meta_file", meta, "--config_file", cfg],
+                          cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    extra = {"metadata.json": ""}
+    scripted = torch.jit.load(str(ts), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 5
+    with bundle_scripts(BUNDLE) as scripts:
+        net = scripts.network.CxrDrrFusionNet(backbone_width=16, attention_channels=(16, 32, 48, 64, 64), decoder_channels=(128, 64, 32, 16, 16, 16))
+        net.load_state_dict(torch.load(trained["ckpt_dir"] / "model.pt", weights_only=True))
+        x = torch.randn(1, 2, 64, 64)
+        with torch.no_grad():
+            assert torch.allclose(scripted(x), net.eval()(x), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 8: the bundle folder alone, and multi-process training
+# ----------------------------------------------------------------------------------------------
+
+ALONE = textwrap.dedent(
+    """
+    import json, sys, torch
+    from monai.bundle import ConfigParser
+    import scripts
+    xray, drr, out = sys.argv[1:4]
+    p = ConfigParser()
+    p.read_config("configs/inference.json")
+    p.read_meta("configs/metadata.json")
+    p.update({"xray_path": xray, "drr_path": drr, "output_dir": out, "device": "$torch.device('cpu')"})
+    net = p.get_parsed_content("network")
+    net.load_state_dict(torch.load("models/model.pt", map_location="cpu", weights_only=True))
+    net.eval()
+    d = p.get_parsed_content("preprocessing")({"xray": xray, "drr": drr})
+    with torch.no_grad():
+        d["pred"] = net(d["image"][None])[0]
+        extra = {"metadata.json": ""}
+        ts = torch.jit.load("models/model.ts", _extra_files=extra)
+        same = bool(torch.allclose(ts(d["image"][None])[0], d["pred"], atol=1e-4))
+    d = p.get_parsed_content("postprocessing")(d)
+    print(json.dumps({"scripts": scripts.__file__, "pred": list(d["pred"].shape), "values": sorted(set(d["pred"].unique().tolist())),
+                      "ts_same": same, "ts_channels": json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"]}))
+    """
+)
+
+
+def test_bundle_folder_alone_loads_with_configparser_and_torchscript(trained, tmp_path):
+    """The bundle folder copied alone loads in another process: preprocessing, the shipped model.pt, postprocessing, and model.ts with its metadata."""
+    if not (BUNDLE / "models" / "model.pt").is_file() or not (BUNDLE / "models" / "model.ts").is_file():
+        pytest.fail("the shipped models/model.pt and models/model.ts are missing (see docs/README.md: how the shipped model is trained)")
+    alone = tmp_path / NAME
+    shutil.copytree(BUNDLE, alone, ignore=shutil.ignore_patterns("__pycache__", "eval", "pred"))
+    item = json.loads((trained["test_set"] / "datalist.json").read_text())["training"][0]
+    args = [str(trained["test_set"] / item["xray"]), str(trained["test_set"] / item["drr"]), str(tmp_path / "pred")]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", ALONE, *args], cwd=alone, capture_output=True, text=True, env={**env, **ONE_THREAD}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert Path(res["scripts"]).resolve().parent.parent == alone.resolve()  # its own scripts, not the repository's
+    assert res["pred"] == [1, 256, 256] and set(res["values"]) <= {0.0, 1.0}
+    assert res["ts_same"] and res["ts_channels"] == 5
+    assert (tmp_path / "pred" / f"{Path(item['xray']).name[:-7]}_mask.png").is_file()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_train_one_epoch_to_a_checkpoint(trained, tmp_path):
+    """torchrun --nproc_per_node=2 with train.json + multi_gpu_train.json (gloo on CPU, DistributedSampler) trains one epoch to a checkpoint."""
+    configs = json.dumps([str(BUNDLE / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+           "--config_file", configs, "--dataset_dir", str(trained["train_set"]), "--ckpt_dir", str(tmp_path / "ckpt"),
+           "--output_dir", str(tmp_path / "out"), "--max_epochs", "1", "--val_interval", "1", "--image_size", str(SIZE),
+           "--num_workers", "0", "--batch_size", "2"]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **ONE_THREAD}
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    sd = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
+    assert "backbone.conv1.weight" in sd and not any(k.startswith("module.") for k in sd)  # plain state dict, DDP unwrapped
