@@ -157,6 +157,20 @@ def test_gradient_clip_handler_bounds_the_step_gradient():
     assert run(clip=True) <= 0.5 + 1e-4
 
 
+def test_keep_inside_body_removes_outside_air_keeps_lungs():
+    """KeepInsideBodyd zeroes a prediction in the air around the body and under the table, and keeps the lungs."""
+    img, lung = _ct_phantom()
+    img[:, 58:60, :] = 200  # a table below the body, separated by an air gap
+    scaled = torch.as_tensor(np.clip((img + 1000) / 1400, 0, 1), dtype=torch.float32)[None]
+    pred = torch.ones_like(scaled)
+    with bundle_scripts(BUNDLE) as scripts:
+        out = scripts.KeepInsideBodyd(keys="pred", threshold=500 / 1400)({"image": scaled, "pred": pred})["pred"][0]
+    assert out.shape == lung.shape
+    assert bool(out[torch.as_tensor(lung) > 0].all())  # lungs (holes of the body) kept
+    assert float(out[:, :10].sum()) == 0 and float(out[:, 53:].sum()) == 0  # air outside, gap and table gone
+    assert float(out[20, 30, 5]) == 1  # body interior kept
+
+
 def test_hd95_handler_reports_millimetres():
     """HausdorffDistanceMM reads the spacing from the affine: a 3-voxel shift at 2 mm is 6 mm, not 3."""
     from monai.data import MetaTensor

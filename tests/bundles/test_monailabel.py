@@ -27,7 +27,7 @@ from tests.bundles.conftest import BUNDLES, REPO, run_bundle
 pytestmark = pytest.mark.monailabel
 
 # Bundles MONAI Label's monaibundle app serves (segmentation: the app's BundleInferTask/BundleTrainTask).
-SERVED = ["lung_field_ct_segmentation", "lung_nodule_ct_segmentation"]
+SERVED = os.environ.get("MONAILABEL_BUNDLES", "lung_field_ct_segmentation,lung_nodule_ct_segmentation").split(",")
 TRAINED = "lung_field_ct_segmentation"  # the datastore's labels are lung masks: one-epoch training of this bundle
 VENV = Path(os.environ.get("MONAILABEL_VENV", REPO / ".venv-monailabel"))
 APP_TEMPLATE = Path(os.environ.get("MONAILABEL_APP", REPO / ".monailabel" / "apps" / "monaibundle"))

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from .data import inference_list, load_datalist
 from .handlers import GradientClipHandler, HausdorffDistanceMM
-from .transforms import CheckCTd, InputError, SliceLabeld
+from .transforms import CheckCTd, InputError, KeepInsideBodyd, SliceLabeld
 
 __all__ = [
     "CheckCTd",
     "GradientClipHandler",
     "HausdorffDistanceMM",
     "InputError",
+    "KeepInsideBodyd",
     "SliceLabeld",
     "inference_list",
     "load_datalist",

@@ -9,7 +9,7 @@ import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-__all__ = ["InputError", "CheckCTd", "SliceLabeld"]
+__all__ = ["InputError", "CheckCTd", "SliceLabeld", "KeepInsideBodyd"]
 
 
 class InputError(ValueError):
@@ -134,4 +134,52 @@ class SliceLabeld(MapTransform):
             other = tuple(a for a in range(lab.ndim) if a != axis)
             has = torch.amax((lab > 0).to(torch.uint8), dim=other, keepdim=True)
             d[f"{key}{self.postfix}"] = has.expand(lab.shape).clone()
+        return d
+
+
+class KeepInsideBodyd(MapTransform):
+    """Zero a prediction outside the patient's body (air around the patient, under the table).
+
+    The body is the largest 3D connected component (face connectivity) of ``image > threshold``, with
+    holes filled slice by slice along ``spatial_dim``. Lungs lie inside it; air outside the body,
+    which a slice model can mistake for lung, does not.
+
+    Args:
+        keys: prediction key(s), shape (C, H, W, D), on the grid of ``image_key``.
+        image_key: the preprocessed image, shape (1, H, W, D). Default ``"image"``.
+        threshold: body threshold in the image's (windowed) units; e.g. -500 HU in a [-1000, 400]
+            window scaled to [0, 1] is ``500 / 1400``. Default 0.357.
+        spatial_dim: spatial axis of the slices (2 = axial for RAS/LPS volumes). Default 2.
+    """
+
+    def __init__(self, keys: KeysCollection, image_key: str = "image", threshold: float = 0.357, spatial_dim: int = 2) -> None:
+        super().__init__(keys)
+        self.image_key = image_key
+        self.threshold = threshold
+        self.spatial_dim = spatial_dim
+
+    def body_mask(self, image) -> np.ndarray:
+        """Boolean (H, W, D) body mask of a (1, H, W, D) image."""
+        from scipy import ndimage
+
+        img = np.asarray(image.detach().cpu() if isinstance(image, torch.Tensor) else image)[0]
+        body = img > self.threshold
+        lab, n = ndimage.label(body)
+        if n == 0:
+            return body
+        sizes = np.bincount(lab.ravel())
+        sizes[0] = 0
+        body = lab == int(sizes.argmax())
+        body = np.moveaxis(body, self.spatial_dim, 0)
+        for k in range(body.shape[0]):
+            body[k] = ndimage.binary_fill_holes(body[k])
+        return np.moveaxis(body, 0, self.spatial_dim)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict[Hashable, torch.Tensor]:
+        d = dict(data)
+        body = None
+        for key in self.key_iterator(d):
+            if body is None:
+                body = torch.as_tensor(self.body_mask(d[self.image_key]))
+            d[key] = d[key] * body.to(device=d[key].device, dtype=d[key].dtype)[None]
         return d

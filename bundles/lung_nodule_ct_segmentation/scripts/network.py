@@ -76,11 +76,10 @@ class DeepSupervisionAttentionUnet(AttentionUnet):
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Logits ``(B, out_channels, H, W[, D])`` in eval mode; a list of them in training mode."""
-        if self.training and self.deep_supervision and self.deep_supr_num > 0:
-            return self._forward_deep_supervision(x)
+        if not torch.jit.is_scripting() and self.training and self.deep_supervision and self.deep_supr_num > 0:
+            return self._forward_deep_supervision(x)  # Python only: TorchScript skips this branch
         return self.model(x)
 
-    @torch.jit.unused
     def _forward_deep_supervision(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Run the parent's blocks level by level; identical main output to ``self.model(x)``."""
         head, encdec, reduce_channels = self.model[0], self.model[1], self.model[2]

@@ -18,6 +18,7 @@ H and W must be multiples of 32.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -155,6 +156,9 @@ class CxrDrrFusionNet(nn.Module):
             names, with or without a ``model.`` prefix); its 'Nodule' classifier row becomes the frozen
             pathology prior head. Default None (backbone randomly initialised, prior head zero).
         pathology_index: row of the classifier used as prior ('Nodule' = 11 in torchxrayvision). Default 11.
+        prior_probability: initial foreground probability of the mask and attention heads (their bias is
+            set to its log-odds, as in RetinaNet): with nodules on well under 1% of the pixels, a bias of 0
+            makes the first iterations spend themselves on pushing everything to background. Default 0.01.
     """
 
     def __init__(
@@ -166,6 +170,7 @@ class CxrDrrFusionNet(nn.Module):
         fusion_alpha: float = 1.0,
         xrv_weights: str | Path | None = None,
         pathology_index: int = 11,
+        prior_probability: float = 0.01,
     ) -> None:
         super().__init__()
         if in_channels != 2:
@@ -197,6 +202,9 @@ class CxrDrrFusionNet(nn.Module):
                 "head": nn.Conv2d(d[5], 1, 1),
             }
         )
+        bias = math.log(prior_probability / (1.0 - prior_probability))
+        for head in [self.decoder["head"], *self.attention.heads]:
+            nn.init.constant_(head.bias, bias)
         if xrv_weights:
             load_xrv_weights(self, xrv_weights, pathology_index)
 

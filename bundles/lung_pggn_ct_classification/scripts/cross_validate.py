@@ -27,7 +27,7 @@ import numpy as np
 from .handlers import ClassificationReport
 from .metrics import binary_report
 
-__all__ = ["cross_validate", "main"]
+__all__ = ["cross_validate", "pool_folds", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,26 @@ def cross_validate(config_files: list[str], output_dir: str, folds: list[int] | 
         rows = [dict(r, fold=k) for r in report.rows]
         per_fold[k] = binary_report([r["label"] for r in rows], [r["probability"] for r in rows], n_bootstrap=0)["auc"]
         pooled += rows
+    return pool_folds(output_dir, subset_keys, per_fold, pooled)
+
+
+def pool_folds(output_dir: str, subset_keys: list[str] | None = None, per_fold: dict | None = None, pooled: list[dict] | None = None) -> dict:
+    """Pool out-of-fold predictions (given, or read from ``<output_dir>/fold*/oof_predictions.csv``) into the CV metrics files."""
+    out = Path(output_dir)
+    if pooled is None:
+        pooled, per_fold = [], {}
+        for path in sorted(out.glob("fold*/oof_predictions.csv")):
+            k = int(path.parent.name[4:])
+            with open(path, newline="") as f:
+                rows = [dict(r, fold=k, label=int(r["label"]), probability=float(r["probability"])) for r in csv.DictReader(f)]
+            for r in rows:
+                for key in subset_keys or []:
+                    r[key] = int(r[key])
+            per_fold[k] = binary_report([r["label"] for r in rows], [r["probability"] for r in rows], n_bootstrap=0)["auc"]
+            pooled += rows
+        if not pooled:
+            raise FileNotFoundError(f"no fold*/oof_predictions.csv under {out}")
+    subset_keys = list(subset_keys or [])
     y = np.array([r["label"] for r in pooled])
     p = np.array([r["probability"] for r in pooled])
     result = {"all": binary_report(y, p)}
@@ -96,9 +116,11 @@ def cross_validate(config_files: list[str], output_dir: str, folds: list[int] | 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config_file", required=True, help="a config file or a Python-style list of them")
+    ap.add_argument("--config_file", default="configs/train.json", help="a config file or a Python-style list of them")
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--folds", type=int, nargs="+", default=None)
+    ap.add_argument("--pool_only", action="store_true", help="only pool the fold folders already under --output_dir")
+    ap.add_argument("--subset_columns", nargs="*", default=["ggn"], help="with --pool_only: subset columns (default ggn)")
     args, rest = ap.parse_known_args(argv)
     files = ast.literal_eval(args.config_file) if args.config_file.startswith("[") else [args.config_file]
     overrides = {}
@@ -109,7 +131,10 @@ def main(argv: list[str] | None = None) -> int:
             pass
         overrides[key.lstrip("-")] = value
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
-    result = cross_validate(files, args.output_dir, args.folds, overrides)
+    if args.pool_only:
+        result = pool_folds(args.output_dir, args.subset_columns)
+    else:
+        result = cross_validate(files, args.output_dir, args.folds, overrides)
     for name, r in result.items():
         if isinstance(r, dict) and "auc" in r:
             print(f"{name}: n={r['n']} ({r['n_positive']} positive) AUC {r['auc']:.3f} (95% CI {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})")

@@ -1,0 +1,344 @@
+"""Tests of the lung_nodule_ct_segmentation bundle (3D AttentionUnet with deep supervision, LUNA16)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from .conftest import BUNDLES, bundle_scripts, run_bundle
+
+BUNDLE = BUNDLES / "lung_nodule_ct_segmentation"
+# Small enough for CPU tests: 32^3 patches, one scan per step, tiny epochs.
+FAST = {"patch_size": [32, 32, 32], "num_samples": 4, "num_workers": 0, "infer_roi_size": [64, 64, 32], "sw_batch_size": 4}
+
+
+def _crop_case(src: Path, dst: Path, item: dict, half: int = 40) -> dict:
+    """Crop one prepared case to a (2*half)^2 x D box around its largest nodule (or the lung centre)."""
+    out = {}
+    lab_img = nib.load(src / item["label"])
+    lab = np.asarray(lab_img.dataobj)
+    where = np.argwhere(lab > 0)
+    if len(where) == 0:
+        where = np.argwhere(np.asarray(nib.load(src / item["lung"]).dataobj) > 0)
+    cx, cy = np.round(where[:, :2].mean(axis=0)).astype(int)
+    x0 = int(np.clip(cx - half, 0, lab.shape[0] - 2 * half))
+    y0 = int(np.clip(cy - half, 0, lab.shape[1] - 2 * half))
+    for key in ("image", "label", "lung"):
+        img = nib.load(src / item[key])
+        arr = np.asarray(img.dataobj)[x0 : x0 + 2 * half, y0 : y0 + 2 * half]
+        affine = img.affine.copy()
+        affine[:3, 3] = img.affine[:3, :3] @ np.array([x0, y0, 0]) + img.affine[:3, 3]
+        path = dst / item[key]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(arr, affine, img.header), path)
+        out[key] = item[key]
+    return {**item, **out}
+
+
+@pytest.fixture(scope="module")
+def tiny_luna(luna16_demo_prepared, tmp_path_factory) -> Path:
+    """The LUNA16 demo cases cropped to 80 x 80 x D around their nodules; the last nodule case is fold 0 (held out)."""
+    dst = tmp_path_factory.mktemp("tiny_luna")
+    src = luna16_demo_prepared
+    datalist = json.loads((src / "datalist.json").read_text())
+    items = [_crop_case(src, dst, it) for it in datalist["training"]]
+    has_nodule = [bool(np.asarray(nib.load(dst / it["label"]).dataobj).max() > 0) for it in items]
+    held = max(i for i, h in enumerate(has_nodule) if h)
+    for i, it in enumerate(items):
+        it["fold"] = 0 if i == held else 1
+    datalist["training"] = items
+    (dst / "datalist.json").write_text(json.dumps(datalist))
+    shutil.copy(src / "nodules.csv", dst / "nodules.csv")
+    return dst
+
+
+def _meta_tensor(arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), name="scan.nii.gz"):
+    from monai.data import MetaTensor
+
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = origin
+    return MetaTensor(torch.as_tensor(arr)[None].float(), affine=torch.as_tensor(affine), meta={"filename_or_obj": name})
+
+
+def test_deep_supervision_lists_in_training_and_plain_tensor_in_eval():
+    """Training mode returns main + auxiliary logits at input size; eval mode returns MONAI AttentionUnet's output from the same state dict."""
+    from monai.networks.nets import AttentionUnet
+
+    with bundle_scripts(BUNDLE) as scripts:
+        net = scripts.DeepSupervisionAttentionUnet(channels=(4, 8, 16, 32), strides=(2, 2, 2), deep_supr_num=2)
+    x = torch.randn(2, 1, 24, 24, 16)
+    outs = net.train()(x)
+    assert isinstance(outs, list) and len(outs) == 3
+    assert all(o.shape == (2, 1, 24, 24, 16) for o in outs)
+    plain = AttentionUnet(3, 1, 1, (4, 8, 16, 32), (2, 2, 2))
+    missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
+    assert not missing and all(k.startswith("deep_supervision_heads.") for k in unexpected)
+    net.eval(), plain.eval()
+    with torch.no_grad():
+        y = net(x)
+        assert isinstance(y, torch.Tensor)
+        torch.testing.assert_close(y, plain(x))
+        torch.testing.assert_close(net.train()._forward_deep_supervision(x)[0], plain.train()(x))
+
+
+def test_faster_cpu_backward_gives_pytorch_gradients():
+    """The patched Conv3d/ConvTranspose3d backward gives the same input and weight gradients as PyTorch's own."""
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(
+        torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.Conv3d(3, 4, 3, stride=2, padding=1),
+        torch.nn.ConvTranspose3d(4, 3, 3, stride=2, padding=1, output_padding=1),
+    )  # fmt: skip
+    with bundle_scripts(BUNDLE) as scripts:
+        fast = scripts.cpu_conv.faster_cpu_backward(copy.deepcopy(layers))
+    assert all("forward" in vars(m) for m in fast if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)))
+    x = torch.randn(2, 2, 10, 12, 8)
+    grads = []
+    for model in (layers, fast):
+        xi = x.clone().requires_grad_(True)
+        y = model(xi)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append([xi.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_gets_clear_messages(tmp_path):
+    """Spacing not matching the config, too coarse slices, scans smaller than the patch and an empty label set are refused naming the file."""
+    with bundle_scripts(BUNDLE) as scripts:
+        aniso = {"image": _meta_tensor(np.zeros((40, 40, 16)), spacing=(0.7, 0.7, 2.5), name="/data/aniso.nii.gz")}
+        with pytest.raises(ValueError, match=r"aniso\.nii\.gz.*does not match the config's pixdim"):
+            scripts.CheckSpacingd("image", pixdim=(1, 1, 1), require_match=True)(aniso)
+        assert scripts.CheckSpacingd("image", pixdim=(1, 1, 1), require_match=False)(aniso)["image"] is aniso["image"]
+        thick = {"image": _meta_tensor(np.zeros((40, 40, 8)), spacing=(0.7, 0.7, 5.0), name="/data/thick.nii.gz")}
+        with pytest.raises(ValueError, match=r"thick\.nii\.gz.*coarser than 3"):
+            scripts.CheckSpacingd("image", pixdim=(1, 1, 1))(thick)
+
+        small = {"image": _meta_tensor(np.ones((40, 40, 12)), name="/data/thin.nii.gz"), "label": _meta_tensor(np.ones((40, 40, 12)))}
+        with pytest.raises(ValueError, match=r"thin\.nii\.gz: scan of 40 x 40 x 12 voxels.*smaller than the patch 32 x 32 x 32"):
+            scripts.CheckSized(["image", "label"], (32, 32, 32), mode="raise")(small)
+        padded = scripts.CheckSized(["image", "label"], (32, 32, 32), mode="pad")(small)
+        assert padded["image"].shape == (1, 40, 40, 32) and padded["label"].shape == (1, 40, 40, 32)
+        assert float(padded["image"][0, :, :, 0].max()) == 0.0 and float(padded["image"][0, :, :, 15].min()) == 1.0
+
+        (tmp_path / "images").mkdir()
+        (tmp_path / "labels").mkdir()
+        items = []
+        for i in range(3):
+            nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / f"images/c{i}.nii.gz")
+            nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), tmp_path / f"labels/c{i}.nii.gz")
+            items.append({"case_id": f"c{i}", "image": f"images/c{i}.nii.gz", "label": f"labels/c{i}.nii.gz", "fold": i % 2})
+        (tmp_path / "datalist.json").write_text(json.dumps({"training": items}))
+        with pytest.raises(ValueError, match="empty label set"):
+            scripts.load_split(tmp_path / "datalist.json", tmp_path, 1, "train")
+        assert len(scripts.load_split(tmp_path / "datalist.json", tmp_path, 1, "val")) == 1
+        with pytest.raises(FileNotFoundError, match="missing.json not found"):
+            scripts.load_split(tmp_path / "missing.json", tmp_path, 0, "train")
+
+
+def test_froc_and_cpm_follow_luna16_rules():
+    """A candidate counts as a hit inside the nodule radius only; sensitivities at 1/8..8 FP per scan and CPM are read from the curve."""
+    with bundle_scripts(BUNDLE) as scripts:
+        det = scripts.detection
+        label = np.zeros((40, 40, 40), np.int32)
+        label[8:13, 8:13, 8:13] = 1  # 125 voxels at 1 mm: equivalent diameter 6.2 mm, radius 3.1 mm, centre (10, 10, 10)
+        label[28:31, 28:31, 28:31] = 2  # centre (29, 29, 29)
+        nods = det.reference_nodules(label, (1, 1, 1))
+        assert [n["label"] for n in nods] == [1, 2]
+        assert abs(nods[0]["diameter_mm"] - (6 * 125 / np.pi) ** (1 / 3)) < 1e-6
+        cands = [
+            {"centre": np.array([12.0, 10.0, 10.0]), "score": 0.9},  # 2 mm from nodule 1: hit
+            {"centre": np.array([10.0, 14.0, 10.0]), "score": 0.95},  # 4 mm > 3.1 mm radius: false positive
+            {"centre": np.array([29.0, 29.0, 30.0]), "score": 0.3},  # 1 mm from nodule 2: hit
+        ]
+        det.match_case(nods, cands, (1, 1, 1))
+        assert [c["nodule"] for c in cands] == [1, 0, 2]
+        assert [n["score"] for n in nods] == [0.9, 0.3]
+        # Two scans: FPs 0.95, 0.5, 0.2 -> at threshold 0.9: sens 1/2 with 1 FP (0.5/scan); threshold 0.3: 2/2 with 2 FP (1/scan).
+        res = det.froc([0.9, 0.3], [0.95, 0.5, 0.2], n_scans=2)
+        expected = {0.125: 0.0, 0.25: 0.0, 0.5: 0.5, 1: 1.0, 2: 1.0, 4: 1.0, 8: 1.0}
+        for rate, sens in expected.items():
+            assert res[f"sensitivity@{rate:g}"] == sens
+        assert res["cpm"] == pytest.approx(sum(expected.values()) / 7)
+        pred = np.zeros_like(label)
+        pred[8:13, 8:13, 9:14] = 1  # shifted by one slice: 100 of 125 voxels overlap
+        assert det.local_dice(label, pred, 1, margin=3) == pytest.approx(2 * 100 / 250)
+
+
+def test_nodule_table_in_world_lps_mm():
+    """The nodule table gives each component's centre in world LPS mm, volume in mm^3 and mean probability."""
+    with bundle_scripts(BUNDLE) as scripts:
+        mask = np.zeros((20, 20, 10), np.float32)
+        mask[4:8, 10:14, 2:4] = 1  # 32 voxels, centre voxel (5.5, 11.5, 2.5)
+        prob = mask * 0.8
+        # MONAI affines are RAS: voxel (i, j, k) -> RAS (2i - 100, 2j + 50, 2k + 10) mm; LPS = (-x, -y, z).
+        m = _meta_tensor(mask, spacing=(2.0, 2.0, 2.0), origin=(-100.0, 50.0, 10.0))
+        out = scripts.NoduleTabled("pred", prob_key="prob")({"pred": m, "prob": _meta_tensor(prob)})
+    (row,) = out["nodules"]
+    assert (row["centre_x_mm"], row["centre_y_mm"], row["centre_z_mm"]) == (89.0, -73.0, 15.0)
+    assert row["volume_mm3"] == 32 * 8 and row["mean_probability"] == pytest.approx(0.8)
+    assert row["equivalent_diameter_mm"] == pytest.approx((6 * 256 / np.pi) ** (1 / 3), abs=0.01)
+
+
+def _foreground_auc(ckpt: Path | None, image: Path, label: Path) -> float:
+    """ROC AUC of the network's voxel probabilities for nodule vs background on one whole (cropped) scan."""
+    from monai.bundle import ConfigParser
+    from sklearn.metrics import roc_auc_score
+
+    with bundle_scripts(BUNDLE):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/train.json"))
+        parser["device"] = "$torch.device('cpu')"
+        parser["infer_roi_size"] = FAST["infer_roi_size"]
+        net = parser.get_parsed_content("network_def")
+        if ckpt is not None:
+            net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True))
+        data = parser.get_parsed_content("preprocessing")({"image": str(image), "label": str(label)})
+        inferer = parser.get_parsed_content("inferer")
+        torch.manual_seed(0)
+        with torch.no_grad():
+            prob = torch.sigmoid(inferer(data["image"][None], net.eval()))[0, 0].numpy()
+    lab = data["label"][0].numpy() > 0
+    assert lab.shape == prob.shape and lab.any()
+    return float(roc_auc_score(lab.ravel(), prob.ravel()))
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_luna, tmp_path_factory) -> Path:
+    """A short training run of train.json on the cropped demo cases (held-out fold 0); returns its folder."""
+    out = tmp_path_factory.mktemp("nodule_train")
+    run_bundle(
+        BUNDLE, ["configs/train.json"], dataset_dir=str(tiny_luna), epochs=12, val_interval=12, warmup_epochs=1,
+        learning_rate=0.005, ckpt_dir=str(out / "models"), output_dir=str(out / "eval"), **FAST,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.slow
+def test_short_training_beats_untrained_on_held_out_scan(trained, tiny_luna):
+    """A short train.json run separates nodule from background voxels on the held-out scan better than the untrained network."""
+    assert (trained / "models/model.pt").is_file()
+    assert list((trained / "eval/tensorboard").glob("events.out.tfevents.*"))
+    item = next(it for it in json.loads((tiny_luna / "datalist.json").read_text())["training"] if it["fold"] == 0)
+    image, label = tiny_luna / item["image"], tiny_luna / item["label"]
+    torch.manual_seed(0)
+    untrained = _foreground_auc(None, image, label)
+    learned = _foreground_auc(trained / "models/model.pt", image, label)
+    assert learned > max(untrained + 0.1, 0.8), (untrained, learned)
+
+
+@pytest.mark.slow
+def test_evaluate_and_inference_write_metrics_masks_and_tables(trained, tiny_luna, tmp_path):
+    """evaluate.json writes metrics/nodule/candidate CSVs; inference.json writes a mask in the input's geometry and a nodule table."""
+    run_bundle(
+        BUNDLE, ["configs/train.json", "configs/evaluate.json"], dataset_dir=str(tiny_luna), ckpt_dir=str(trained / "models"),
+        output_dir=str(tmp_path / "eval"), infer_roi_size=FAST["infer_roi_size"],
+    )  # fmt: skip
+    with open(tmp_path / "eval/metrics.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert int(row["scans"]) == 1 and int(row["nodules"]) >= 1
+    assert {"scan_dice", "nodule_dice_ge_5mm", "sensitivity@0.125", "sensitivity@8", "cpm"} <= set(row)
+    assert 0.0 <= float(row["cpm"]) <= 1.0
+    with open(tmp_path / "eval/nodule_metrics.csv") as f:
+        nodules = list(csv.DictReader(f))
+    assert len(nodules) == int(row["nodules"]) and all(0.0 <= float(n["dice"]) <= 1.0 for n in nodules)
+
+    item = next(it for it in json.loads((tiny_luna / "datalist.json").read_text())["training"] if it["fold"] == 0)
+    image = tiny_luna / item["image"]
+    run_bundle(
+        BUNDLE, ["configs/inference.json"], input_path=str(image), ckpt_dir=str(trained / "models"),
+        output_dir=str(tmp_path / "pred"), infer_roi_size=FAST["infer_roi_size"], threshold=0.3, tta=True, tta_flip_axes=[0, 1],
+    )  # fmt: skip
+    (mask_file,) = list((tmp_path / "pred").glob("*_nodules.nii.gz"))
+    src, mask = nib.load(image), nib.load(mask_file)
+    assert mask.shape == src.shape and np.allclose(mask.affine, src.affine, atol=1e-4)
+    assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1}
+    header = (tmp_path / "pred/nodules.csv").read_text().splitlines()[0]
+    assert header.startswith("case_id")
+    if np.asarray(mask.dataobj).any():
+        for col in ("centre_x_mm", "centre_y_mm", "centre_z_mm", "volume_mm3", "equivalent_diameter_mm", "mean_probability"):
+            assert col in header
+
+
+def test_verify_net_in_out_and_ckpt_export(tmp_path):
+    """verify_net_in_out passes on the config's network, and ckpt_export writes a TorchScript file that matches the eager network."""
+    env = {**os.environ, "PYTHONPATH": ""}
+    common = ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
+    subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", *common, "--n", "2"], cwd=BUNDLE, env=env, check=True, capture_output=True, timeout=300)
+    ts_path = tmp_path / "model.ts"
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_path), "--ckpt_file", "models/model.pt", *common],
+        cwd=BUNDLE, env=env, check=True, capture_output=True, timeout=300,
+    )  # fmt: skip
+    extra = {"metadata.json": ""}
+    ts = torch.jit.load(str(ts_path), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "nodule"}
+    with bundle_scripts(BUNDLE) as scripts:
+        net = scripts.DeepSupervisionAttentionUnet(channels=(8, 16, 32, 64), strides=(2, 2, 2))
+    net.load_state_dict(torch.load(BUNDLE / "models/model.pt", weights_only=True))
+    x = torch.rand(1, 1, 32, 32, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), net.eval()(x))
+
+
+def test_bundle_folder_alone_loads_and_predicts(tmp_path):
+    """The bundle folder copied alone (no repo on the path) parses, runs pre/net/post on a scan, and its model.ts loads with metadata."""
+    folder = tmp_path / "lung_nodule_ct_segmentation"
+    shutil.copytree(BUNDLE, folder, ignore=shutil.ignore_patterns("__pycache__", "eval"))
+    scan = tmp_path / "ct.nii.gz"
+    hu = np.full((48, 40, 20), -850, np.int16)
+    hu[20:26, 18:24, 8:13] = 40  # a small solid "nodule" in lung-like air
+    nib.save(nib.Nifti1Image(hu, np.diag([-0.8, -0.8, 1.5, 1.0])), scan)
+    code = textwrap.dedent(f"""
+        import json, os, torch
+        from monai.bundle import ConfigParser
+        p = ConfigParser()
+        p.read_config("configs/inference.json")
+        p["device"] = "$torch.device('cpu')"
+        p["infer_roi_size"] = [64, 64, 32]
+        net = p.get_parsed_content("network")
+        import scripts
+        assert scripts.__file__.startswith(os.getcwd()), scripts.__file__
+        net.load_state_dict(torch.load("models/model.pt", map_location="cpu", weights_only=True))
+        data = p.get_parsed_content("preprocessing")({{"image": {str(scan)!r}}})
+        with torch.no_grad():
+            data["pred"] = p.get_parsed_content("inferer")(data["image"][None], net.eval())[0]
+        post = p.get_parsed_content("postprocessing")
+        post.transforms = tuple(t for t in post.transforms if type(t).__name__ != "SaveImaged")
+        out = post(data)
+        assert tuple(out["pred"].shape[1:]) == (48, 40, 20), out["pred"].shape
+        assert isinstance(out["nodules"], list)
+        extra = {{"metadata.json": ""}}
+        ts = torch.jit.load("models/model.ts", _extra_files=extra)
+        assert json.loads(extra["metadata.json"])["version"]
+        assert ts(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
+        print("OK")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_cpu(tiny_luna, tmp_path):
+    """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo, DistributedSampler) to a checkpoint."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    files = json.dumps([str(BUNDLE / "configs/train.json"), str(BUNDLE / "configs/multi_gpu_train.json")])
+    cmd = [str(torchrun), "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file", files, "--dataset_dir", str(tiny_luna),
+           "--epochs", "1", "--val_interval", "1", "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]  # fmt: skip
+    for key, value in FAST.items():
+        cmd += [f"--{key}", json.dumps(value)]
+    proc = subprocess.run(cmd, cwd=BUNDLE, env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    sd = torch.load(tmp_path / "models/model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in sd) and "deep_supervision_heads.0.weight" in sd
