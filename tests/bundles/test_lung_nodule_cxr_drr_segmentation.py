@@ -356,7 +356,7 @@ def _evaluate(ckpt_dir: Path, test_set: Path, output_dir: Path, in_process: bool
 @pytest.mark.slow
 def test_training_beats_untrained_start_on_heldout_pairs(trained, tmp_path):
     """A short training run (three phases) segments held-out pairs far better than its untrained start; evaluation writes per-image and per-size CSVs."""
-    assert (trained["ckpt_dir"] / "model.pt").is_file()
+    assert (trained["ckpt_dir"] / "model.pt").is_file() and (trained["ckpt_dir"] / "model_final.pt").is_file()
     assert list((trained["output_dir"] / "tensorboard").glob("events.out.tfevents.*"))
     log = trained["train_proc"].stdout + trained["train_proc"].stderr
     assert all(f"phase '{p}'" in log for p in ("attention_warmup", "joint", "finetune"))
