@@ -131,7 +131,8 @@ def test_image_then_fusion_training_beat_chance_on_held_out_fold(data, tabular_t
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tabular_trained["ckpt"], ckpt)
     common = dict(dataset_dir=str(data["crops"]), ckpt_dir=str(ckpt), spatial_size=[SIZE] * 3, batch_size=8, widen_factor=0.125)
-    run_bundle(BUNDLE, ["configs/train.json"], output_dir=str(tmp_path / "img"), train__trainer__max_epochs=6, **common)
+    run_bundle(BUNDLE, ["configs/train.json"], output_dir=str(tmp_path / "img"), train__trainer__max_epochs=8,
+               **{**common, "batch_size": 4, "learning_rate": 0.003})  # fmt: skip
     run_bundle(BUNDLE, ["configs/train.json", "configs/evaluate.json"], output_dir=str(tmp_path / "img"), **common)
     image_auc = json.loads((tmp_path / "img/metrics.json").read_text())["all"]["auc"]
     run_bundle(BUNDLE, FUSION, output_dir=str(tmp_path / "fus"), train__trainer__max_epochs=6, **common)
@@ -203,7 +204,7 @@ def test_bundle_alone_loads_and_exports(tmp_path):
     crop = np.random.default_rng(0).integers(-1000, 100, (32, 32, 32)).astype(np.int16)
     sitk.WriteImage(sitk.GetImageFromArray(crop), str(tmp_path / "crop.nii.gz"))
     code = textwrap.dedent(f"""
-        import sys, torch
+        import json, sys, torch
         sys.path.insert(0, {str(alone)!r})
         from monai.bundle import ConfigParser
         p = ConfigParser(); p.read_config({str(alone / 'configs/inference.json')!r})
@@ -218,7 +219,7 @@ def test_bundle_alone_loads_and_exports(tmp_path):
         prob = float(out["pred"][0]); assert 0 <= prob <= 1, prob
         extra = {{"metadata.json": ""}}
         ts = torch.jit.load({str(alone / 'models/model.ts')!r}, _extra_files=extra)
-        assert "network_data_format" in extra["metadata.json"]
+        assert "network_data_format" in json.loads(extra["metadata.json"])
         assert torch.allclose(ts(data["image"][None].float()), pred, atol=1e-4)
         print("OK", prob)
     """)
