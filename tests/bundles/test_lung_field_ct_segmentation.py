@@ -255,7 +255,8 @@ def test_inference_nifti_and_dicom_in_input_geometry(lidc_demo_prepared, tmp_pat
     out_dcm = nib.load(tmp_path / f"{dicom.name}_lung.nii.gz")
     n_slices = len(list(dicom.glob("*.dcm")))
     assert out_dcm.shape == (512, 512, n_slices)
-    world = out_dcm.affine @ np.c_[np.argwhere(np.asarray(out_dcm.dataobj) > 0)[::97], np.ones(1)].T
+    pts = np.argwhere(np.asarray(out_dcm.dataobj) > 0)[::97]
+    world = out_dcm.affine @ np.c_[pts, np.ones(len(pts))].T
     vox = np.rint(np.linalg.inv(out_nii.affine) @ world)[:3].astype(int).T
     inside = (vox >= 0).all(1) & (vox < mask.shape).all(1)
     assert inside.mean() > 0.95 and mask[tuple(vox[inside].T)].mean() > 0.9

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .data import inference_list, load_datalist
+from .data import inference_list, load_datalist, output_name_formatter
 from .handlers import GradientClipHandler, HausdorffDistanceMM
 from .transforms import CheckCTd, InputError, KeepInsideBodyd, SliceLabeld
 
@@ -15,4 +15,5 @@ __all__ = [
     "SliceLabeld",
     "inference_list",
     "load_datalist",
+    "output_name_formatter",
 ]
