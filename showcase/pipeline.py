@@ -13,6 +13,10 @@ from showcase.stages import StageRunner, run_command
 
 __all__ = ["run_main_job", "bundle_command"]
 
+# Scans whose LUNA16 reference standard (>= 3 readers, >= 3 mm) has nodules, so every fold has some.
+LUNA16_PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0012", "LIDC-IDRI-0497", "LIDC-IDRI-0033",
+                   "LIDC-IDRI-0132", "LIDC-IDRI-0461", "LIDC-IDRI-0002"]  # fmt: skip
+
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 
@@ -54,9 +58,10 @@ def run_main_job(out: Path, patients: int = 8, workers: int = 2, seed: int = 0) 
     runner.run("prepare LIDC-IDRI", lambda log: run_command(
         data_prep_command("lidc", "--dicom-root", d["lidc_dicom"], "--out", d["lidc"], *w), log), needs=["generate demo LIDC-IDRI DICOM"])
     runner.run("generate demo LUNA16", lambda log: run_command(
-        data_prep_command("synth-luna16", "--out", d["luna_raw"], "--patients", patients, "--seed", seed + 1, "--size", "small", "--quiet"), log))
+        data_prep_command("synth-luna16", "--out", d["luna_raw"], "--patient-ids", *LUNA16_PATIENTS, "--size", "small", "--quiet"), log))
     runner.run("prepare LUNA16", lambda log: run_command(
-        data_prep_command("luna16", "--luna-root", d["luna_raw"], "--annotations", d["luna_raw"] / "annotations.csv", "--out", d["luna"], *w), log),
+        data_prep_command("luna16", "--luna-root", d["luna_raw"], "--annotations", d["luna_raw"] / "annotations.csv", "--out", d["luna"],
+                          "--folds", 4, *w), log),
         needs=["generate demo LUNA16"])  # fmt: skip
     secs = sections.run_bundle_stages(runner, out, d, workers)
     from showcase.report import write_report

@@ -85,16 +85,18 @@ def load_split(datalist: str | Path, dataset_dir: str | Path, val_fold: int, spl
     return items
 
 
-def inference_items(input_path: str | Path) -> list[dict]:
-    """Inference items ``[{"image": path}, ...]`` from a scan file or a folder.
+def inference_items(input_path: str | Path | list) -> list[dict]:
+    """Inference items ``[{"image": path}, ...]`` from a scan file, a folder, or a list of them.
 
     Args:
-        input_path: a scan file (``.nii.gz``, ``.nii``, ``.mhd``, ``.nrrd``), a folder of such files, or
-            a folder holding one DICOM series (read by ITK).
+        input_path: a scan file (``.nii.gz``, ``.nii``, ``.mhd``, ``.nrrd``), a folder of such files,
+            a folder holding one DICOM series (read by ITK), or a list of any of these.
 
     Raises:
         FileNotFoundError: the path does not exist or a folder holds nothing readable.
     """
+    if isinstance(input_path, (list, tuple)):
+        return [item for p in input_path for item in inference_items(p)]
     path = Path(input_path)
     if not str(input_path) or not path.exists():
         raise FileNotFoundError(f"input_path {str(input_path)!r} does not exist; pass --input_path <scan file or folder>")
