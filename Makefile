@@ -13,14 +13,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
-## The main job on the embedded demo world: generate it as LIDC DICOM and as LUNA16 .mhd, prepare both.
+## The main job on the embedded demo world: generate it, prepare it with every data_prep step, train each
+## bundle briefly with `python -m monai.bundle run`, evaluate, infer, and write $(DEMO)/report/index.html.
 demo: $(VENV)/.installed
-	$(PY) -m data_prep synth-lidc --out $(DEMO)/lidc_dicom --patients 3 --seed 0 --size small --truth-out $(DEMO)/lidc_truth
-	$(PY) -m data_prep lidc --dicom-root $(DEMO)/lidc_dicom --out $(DEMO)/lidc_prepared
-	$(PY) -m data_prep summary $(DEMO)/lidc_prepared
-	$(PY) -m data_prep synth-luna16 --out $(DEMO)/luna16 --patients 3 --seed 0 --size small
-	$(PY) -m data_prep luna16 --luna-root $(DEMO)/luna16 --annotations $(DEMO)/luna16/annotations.csv --out $(DEMO)/luna16_prepared
-	$(PY) -m data_prep summary $(DEMO)/luna16_prepared
+	$(PY) -m showcase --out $(DEMO)
 
 ## Everything CI runs (.ci/run): the default suite, then the opt-in suites (MONAI Label server, report in Chromium).
 test: test-default test-monailabel test-browser
