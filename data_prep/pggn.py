@@ -232,9 +232,9 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
 
 def prepare_pggn(
     prepared: str | Path, out: str | Path, params: PggnParams = PggnParams(), *,
-    folds_from: str | Path | None = None, workers: int = 1, progress: bool = True,
+    folds_from: str | Path | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``pggn`` step. See the module docstring for what is written.
+    """Run the ``pggn`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes). See the module docstring for what is written.
 
     Args:
         prepared: a ``data_prep lidc`` output folder.
@@ -252,7 +252,7 @@ def prepare_pggn(
         FileNotFoundError: ``prepared`` lacks ``nodules.csv`` or ``datalist.json``.
         OutputError: the output folder cannot be written or holds another run.
     """
-    prepared, out = Path(prepared), Path(out)
+    prepared, out = Path(prepared).absolute(), Path(out).absolute()  # absolute: Dask workers have their own cwd
     if out.resolve() == prepared.resolve():
         raise OutputError(f"--out must differ from --prepared ({out})")
     nodule_rows = _read_nodule_rows(prepared)
@@ -274,7 +274,7 @@ def prepare_pggn(
         tasks.append((cid, args))
     manifest.data["errors"] = errors
     manifest.save()
-    run_cases(pggn_case, tasks, manifest, workers=workers, progress=progress, desc="pggn cases")
+    run_cases(pggn_case, tasks, manifest, workers=workers, progress=progress, desc="pggn cases", scheduler=scheduler)
     rows = [r for _, rec in sorted(manifest.data["cases"].items()) if rec.get("status") == "ok" for r in rec["nodules"]]
     write_csv(rows, PGGN_COLUMNS, out / "pggn.csv")
     manifest.data["table"] = {"rows": len(rows), "malignant": sum(r["malignant"] == 1 for r in rows),

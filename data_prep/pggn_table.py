@@ -109,9 +109,9 @@ def scan_rows(series_uid: str, case_id: str, fold: int, params: PggnTableParams)
 
 def prepare_pggn_table(
     out: str | Path, params: PggnTableParams = PggnTableParams(), *,
-    patients: Sequence[str] | None = None, workers: int = 1, progress: bool = True,
+    patients: Sequence[str] | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``pggn-table`` step: ``<out>/pggn.csv`` and ``<out>/manifest.json``.
+    """Run the ``pggn-table`` step (``scheduler``: a Dask scheduler address, else local processes): ``<out>/pggn.csv`` and ``<out>/manifest.json``.
 
     Folds are assigned over the selected patients (all 1,010 patients of the database by default).
 
@@ -142,7 +142,7 @@ def prepare_pggn_table(
         if not manifest.finished(ids[s.series_instance_uid], out)
     ]
     manifest.save()
-    run_cases(scan_rows, tasks, manifest, workers=workers, progress=progress, desc="pggn-table scans")
+    run_cases(scan_rows, tasks, manifest, workers=workers, progress=progress, desc="pggn-table scans", scheduler=scheduler)
     rows = [r for _, rec in sorted(manifest.data["cases"].items()) if rec.get("status") == "ok" for r in rec["nodules"]]
     write_csv(rows, TABLE_COLUMNS, out / "pggn.csv")
     manifest.data["table"] = {"scans": len(selected), "rows": len(rows), "malignant": sum(r["malignant"] == 1 for r in rows),

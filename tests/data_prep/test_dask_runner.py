@@ -187,3 +187,21 @@ def test_bad_or_unreachable_scheduler_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot reach the Dask scheduler at tcp://127.0.0.1:9" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("step", ["pggn", "drr"])
+def test_newer_steps_on_the_cluster_equal_single_process_run(demo, cluster, tmp_path, step):
+    """pggn and drr on the cluster write the same files and tables as in this process, and their cases ran on the cluster."""
+    extra = ["--size", "64", "--poses", "1"] if step == "drr" else []
+    single, dask_out = tmp_path / "single", tmp_path / "dask"
+    assert main([step, "--prepared", str(demo / "single"), "--out", str(single), *extra, "--quiet"]) == 0
+    before = _cases_run_on(cluster)
+    assert main([step, "--prepared", str(demo / "single"), "--out", str(dask_out), *extra, "--quiet", "--scheduler", cluster.scheduler_address]) == 0
+    assert _cases_run_on(cluster) - before == len(PATIENTS), "the cases did not run on the cluster"
+    assert _files(single) == _files(dask_out)
+    for f in _files(single):
+        if f.endswith(".nii.gz"):
+            a, b = sitk.GetArrayFromImage(sitk.ReadImage(str(single / f))), sitk.GetArrayFromImage(sitk.ReadImage(str(dask_out / f)))
+            assert np.allclose(a, b), f
+    table = "pggn.csv" if step == "pggn" else "datalist.json"
+    assert (single / table).read_text() == (dask_out / table).read_text()
