@@ -22,6 +22,7 @@ if [ ! -f "$STAMP" ]; then
 fi
 if [ ! -f "$APP/main.py" ]; then
     mkdir -p "$(dirname "$APP")"
-    (cd "$(dirname "$APP")" && "$VENV/bin/monailabel" apps --download --name monaibundle --output .)
+    # `monailabel` the script runs whatever `python` is first on PATH: call the venv's python directly.
+    (cd "$(dirname "$APP")" && "$VENV/bin/python" -m monailabel.main apps --download --name monaibundle --output .)
 fi
 echo "monailabel: venv $VENV, app $APP"
