@@ -191,6 +191,33 @@ def test_nodule_table_in_world_lps_mm():
     assert row["equivalent_diameter_mm"] == pytest.approx((6 * 256 / np.pi) ** (1 / 3), abs=0.01)
 
 
+def test_hard_negatives_come_mostly_from_the_lungs():
+    """Negative patch centres: the configured share inside the grown lung mask, none on a nodule, none in air."""
+    with bundle_scripts(BUNDLE) as scripts:
+        image = np.zeros((60, 40, 30), np.float32)  # window-scaled: 0 = air
+        image[:, :, 20:] = 0.7  # "chest wall": dense, outside the lungs, 60*40*10 = 24000 voxels
+        image[10:50:4, 5:35:4, 2:18:3] = 0.7  # "vessels" inside the lung: sparse dense voxels
+        lung = np.zeros_like(image)
+        lung[5:55, 2:38, 0:18] = 1
+        label = np.zeros_like(image)
+        label[20:25, 20:25, 5:10] = 1
+        image[label > 0] = 0.7
+        data = {"image": _meta_tensor(image), "label": _meta_tensor(label), "lung": _meta_tensor(lung)}
+        out = scripts.HardNegativeIndicesd("label", image_threshold=0.3, lung_fraction=0.75, lung_margin_mm=1.0)(data)
+        bg, fg = out["label_bg_indices"], out["label_fg_indices"]
+        grown = np.zeros_like(lung, bool)
+        grown[4:56, 1:39, 0:19] = True  # the lung grown by 1 mm (6-connected ball of radius 1 reaches the faces)
+        assert set(fg.tolist()) == set(np.flatnonzero(label).tolist())
+        assert not np.isin(bg, fg).any() and (image.ravel()[bg] > 0.3).all()
+        inside = grown.ravel()[bg].mean()
+        assert 0.7 < inside < 0.8, inside
+        # without a lung mask: every dense non-nodule voxel is a candidate, as FgBgToIndicesd does
+        plain = scripts.HardNegativeIndicesd("label", image_threshold=0.3)({k: data[k] for k in ("image", "label")})
+        assert len(plain["label_bg_indices"]) == int(((image > 0.3) & (label == 0)).sum())
+        with pytest.raises(ValueError, match="lung_fraction"):
+            scripts.HardNegativeIndicesd("label", lung_fraction=1.5)
+
+
 def _foreground_auc(ckpt: Path | None, image: Path, label: Path) -> float:
     """ROC AUC of the network's voxel probabilities for nodule vs background on one whole (cropped) scan."""
     from monai.bundle import ConfigParser
