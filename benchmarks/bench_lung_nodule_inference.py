@@ -1,4 +1,4 @@
-"""Benchmark: whole-scan nodule inference on CPU with the bundle's settings against MONAI's defaults.
+"""Benchmark: whole-scan nodule inference (CPU, or a GPU with --device cuda) with the bundle's settings against MONAI's defaults.
 
 The scan is a synthetic 1 mm chest of ``--shape`` (default 350 x 350 x 300 voxels, x/y/z): air
 outside, a soft-tissue body, two lungs with vessels and a few solid nodules, written as NIfTI. Each
@@ -17,7 +17,7 @@ configuration runs in a fresh child process (peak memory = the child's max RSS),
 
 Weights are the bundle's ``models/model.pt`` (speed does not depend on them).
 
-    python benchmarks/bench_lung_nodule_inference.py [--shape 350 350 300] [--repeats 1] [--threads 2]
+    python benchmarks/bench_lung_nodule_inference.py [--shape 350 350 300] [--repeats 1] [--threads 2] [--device cuda]
 """
 
 from __future__ import annotations
@@ -37,21 +37,23 @@ BUNDLE = HERE.parent / "bundles" / "lung_nodule_ct_segmentation"
 
 CHILD = r"""
 import json, resource, sys, time
-mode, scan, out, threads, tta_axes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5])
+mode, scan, out, threads, tta_axes, dev = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]), sys.argv[6]
 import torch
+device = torch.device(dev)
 torch.set_num_threads(threads)
 sys.path.insert(0, {bundle!r})
 from monai.bundle import ConfigParser
 p = ConfigParser()
 p.read_config({bundle!r} + "/configs/" + ("train.json" if mode == "baseline" else "inference.json"))
 p["bundle_root"] = {bundle!r}
-p["device"] = "$torch.device('cpu')"
+p["device"] = f"$torch.device({{dev!r}})"
 p["output_dir"] = out
 if mode == "baseline":
     from monai.inferers import SlidingWindowInferer
     from monai import transforms as mt
     net = p.get_parsed_content("network_def").eval()
     net.load_state_dict(torch.load({bundle!r} + "/models/model.pt", map_location="cpu", weights_only=True))
+    net = net.to(device)
     roi = p.get_parsed_content("patch_size")
     pre = mt.Compose([
         mt.LoadImaged("image", ensure_channel_first=True, image_only=True),
@@ -61,7 +63,8 @@ if mode == "baseline":
     t0 = time.perf_counter()
     data = pre({{"image": scan}})
     with torch.no_grad():
-        prob = torch.sigmoid(SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="constant")(data["image"][None], net))
+        prob = torch.sigmoid(SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="constant")(data["image"][None].to(device), net))
+    torch.cuda.synchronize() if device.type == "cuda" else None
     seconds = time.perf_counter() - t0
     windows = None
 else:
@@ -74,7 +77,8 @@ else:
     seconds = time.perf_counter() - t0
     roi = p.get_parsed_content("infer_roi_size")
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 ** 2
-print(json.dumps({{"mode": mode, "seconds": seconds, "peak_rss_gb": peak, "roi": list(roi)}}))
+gpu = torch.cuda.max_memory_allocated() / 1024 ** 3 if device.type == "cuda" else 0.0
+print(json.dumps({{"mode": mode, "seconds": seconds, "peak_rss_gb": peak, "peak_gpu_gb": gpu, "roi": list(roi)}}))
 """
 
 
@@ -103,10 +107,10 @@ def synthetic_chest(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     return hu
 
 
-def run_child(mode: str, scan: Path, work: Path, threads: int, tta_axes: list[int]) -> dict:
+def run_child(mode: str, scan: Path, work: Path, threads: int, tta_axes: list[int], device: str = "cpu") -> dict:
     out = Path(tempfile.mkdtemp(dir=work, prefix=mode))
     code = CHILD.format(bundle=str(BUNDLE))
-    res = subprocess.run([sys.executable, "-c", code, mode, str(scan), str(out), str(threads), json.dumps(tta_axes)], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code, mode, str(scan), str(out), str(threads), json.dumps(tta_axes), device], capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -119,6 +123,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     ap.add_argument("--tta-axes", type=int, nargs="+", default=[0, 1], help="flip axes of the TTA run")
     ap.add_argument("--modes", nargs="+", default=["ours", "baseline", "ours_tta"])
+    ap.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda, cuda:1)")
     ap.add_argument("--json", default=None, help="also write the runs here")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,13 +131,13 @@ def main() -> None:
         scan = work / "chest.nii.gz"
         affine = np.diag([-1.0, -1.0, 1.0, 1.0])  # LPS-stored like data_prep's outputs
         nib.save(nib.Nifti1Image(synthetic_chest(tuple(args.shape)), affine), scan)
-        print(f"scan {args.shape} voxels at 1 mm, {args.threads} torch threads", flush=True)
+        print(f"scan {args.shape} voxels at 1 mm, {args.threads} torch threads, device {args.device}", flush=True)
         runs = []
         for r in range(args.repeats):
             modes = args.modes if r % 2 == 0 else list(reversed(args.modes))
             for mode in modes:
-                runs.append(run_child(mode, scan, work, args.threads, args.tta_axes))
-                print(f"  {mode:9s} {runs[-1]['seconds']:8.1f} s  {runs[-1]['peak_rss_gb']:5.2f} GB  roi {runs[-1]['roi']}", flush=True)
+                runs.append(run_child(mode, scan, work, args.threads, args.tta_axes, args.device))
+                print(f"  {mode:9s} {runs[-1]['seconds']:8.1f} s  {runs[-1]['peak_rss_gb']:5.2f} GB  GPU {runs[-1]['peak_gpu_gb']:5.2f} GB  roi {runs[-1]['roi']}", flush=True)
     best = {m: min((x for x in runs if x["mode"] == m), key=lambda x: x["seconds"]) for m in args.modes}
     print(f"{'':10s}{'best s':>9s}{'peak GB':>9s}")
     for m in args.modes:

@@ -249,7 +249,7 @@ def inference_items(xray: str | None, drr: str | None, datalist: str | None = No
 
 
 def _resize_to(x: torch.Tensor, shape: Sequence[int], mode: str) -> np.ndarray:
-    x = torch.as_tensor(x, dtype=torch.float32)[None]
+    x = torch.as_tensor(x, dtype=torch.float32).detach().cpu()[None]  # the network's output may be on a GPU
     kw = {} if mode == "nearest" else {"align_corners": False}
     return torch.nn.functional.interpolate(x, size=tuple(int(s) for s in shape), mode=mode, **kw)[0, 0].numpy()
 
