@@ -176,6 +176,45 @@ def test_froc_and_cpm_follow_luna16_rules():
         assert det.local_dice(label, pred, 1, margin=3) == pytest.approx(2 * 100 / 250)
 
 
+def test_candidates_are_ranked_by_mean_not_saturated_max_probability():
+    """Two components that both reach 1.0: the one that is confident throughout outranks a faint one with a saturated core."""
+    with bundle_scripts(BUNDLE) as scripts:
+        prob = np.zeros((30, 30, 30), np.float32)
+        prob[3:8, 3:8, 3:8] = 0.99  # nodule-like: confident everywhere
+        prob[5, 5, 5] = 1.0
+        prob[18:26, 18:22, 18:22] = 0.3  # vessel-like fragment: faint, one saturated voxel
+        prob[20, 20, 20] = 1.0
+        prob[0:2, 28:30, 28:30] = 0.9  # 8 voxels: below min_volume_mm3 = 10 at 1 mm
+        cands = scripts.detection.candidates(prob, 0.2, (1.0, 1.0, 1.0), min_volume_mm3=10.0)
+        assert len(cands) == 2
+        assert [c["max_prob"] for c in cands] == [1.0, 1.0]
+        nodule, vessel = sorted(cands, key=lambda c: c["centre"][0])
+        assert nodule["score"] == pytest.approx((124 * 0.99 + 1.0) / 125, rel=1e-5)
+        assert vessel["score"] == pytest.approx((127 * 0.3 + 1.0) / 128, rel=1e-5)
+        assert nodule["volume_mm3"] == 125 and vessel["volume_mm3"] == 128
+
+
+def test_init_checkpoint_loads_weights_and_refuses_bad_files(tmp_path):
+    """Fine-tuning starts from the file's weights (plain or under "model"); a wrong file is named in the error."""
+    with bundle_scripts(BUNDLE) as scripts:
+        make = lambda: scripts.DeepSupervisionAttentionUnet(channels=(4, 8, 16), strides=(2, 2), deep_supr_num=1)  # noqa: E731
+        torch.manual_seed(0)
+        src, dst = make(), make()
+        assert not all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+        torch.save({"model": src.state_dict()}, tmp_path / "ck.pt")
+        scripts.network.load_initial_weights(dst, str(tmp_path / "ck.pt"))
+        assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
+        assert scripts.network.load_initial_weights(dst, "") is dst
+        torch.save(scripts.DeepSupervisionAttentionUnet(channels=(4, 8, 32), strides=(2, 2), deep_supr_num=1).state_dict(), tmp_path / "other.pt")
+        with pytest.raises(ValueError, match="other.pt does not fit network_def"):
+            scripts.network.load_initial_weights(dst, str(tmp_path / "other.pt"))
+        (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+        with pytest.raises(ValueError, match="junk.pt: not a weights-only"):
+            scripts.network.load_initial_weights(dst, str(tmp_path / "junk.pt"))
+        with pytest.raises(FileNotFoundError, match="missing.pt"):
+            scripts.network.load_initial_weights(dst, str(tmp_path / "missing.pt"))
+
+
 def test_nodule_table_in_world_lps_mm():
     """The nodule table gives each component's centre in world LPS mm, volume in mm^3 and mean probability."""
     with bundle_scripts(BUNDLE) as scripts:

@@ -2,7 +2,7 @@
 
 Reference nodules are the components of the instance label map (``k`` = nodule ``k``, as
 ``data_prep`` writes them): centre of mass and sphere-equivalent radius. A candidate (a component
-of the probability map above a threshold, scored by its maximum probability) is a hit when its
+of the probability map above a threshold, scored by its mean probability) is a hit when its
 centre lies within the radius of a reference nodule (LUNA16's rule); several hits on one nodule
 count once, with the best score; every other candidate is a false positive. Sensitivities are read
 from the FROC curve at 1/8, 1/4, 1/2, 1, 2, 4 and 8 false positives per scan and their mean is the
@@ -37,7 +37,15 @@ def reference_nodules(label: np.ndarray, spacing: Sequence[float]) -> list[dict]
 
 
 def candidates(prob: np.ndarray, threshold: float, spacing: Sequence[float], min_volume_mm3: float = 0.0) -> list[dict]:
-    """Components of ``prob >= threshold`` (26-connected) larger than ``min_volume_mm3``: ``centre`` (voxel), ``score`` (max prob), ``volume_mm3``."""
+    """Components of ``prob >= threshold`` (26-connected) larger than ``min_volume_mm3``.
+
+    Each has ``centre`` (voxel), ``score`` (the component's mean probability), ``max_prob`` and
+    ``volume_mm3``. The mean, not the maximum, ranks the candidates: a trained network saturates
+    at 1.0 in one voxel of almost every component, vessel fragments included, so maxima tie and the
+    FROC at low false-positive rates is arbitrary; a whole component's mean separates a confident
+    nodule from a fragment with a confident core. Measured with the shipped model (docs/README.md):
+    CPM 0.26 -> 0.52 on 28 independent demo scans.
+    """
     comps, n = ndimage.label(prob >= threshold, structure=np.ones((3, 3, 3), bool))
     if n == 0:
         return []
@@ -45,10 +53,11 @@ def candidates(prob: np.ndarray, threshold: float, spacing: Sequence[float], min
     voxel_mm3 = float(np.prod(spacing))
     counts = ndimage.sum_labels(np.ones(prob.shape, np.float32), comps, idx)
     maxes = ndimage.maximum(prob, comps, idx)
+    means = ndimage.mean(prob, comps, idx)
     centres = ndimage.center_of_mass(prob >= threshold, comps, idx)
     return [
-        {"centre": np.asarray(c), "score": float(s), "volume_mm3": float(v) * voxel_mm3}
-        for c, s, v in zip(centres, maxes, counts)
+        {"centre": np.asarray(c), "score": float(s), "max_prob": float(m), "volume_mm3": float(v) * voxel_mm3}
+        for c, s, m, v in zip(centres, means, maxes, counts)
         if float(v) * voxel_mm3 >= min_volume_mm3
     ]
 

@@ -115,7 +115,7 @@ class NoduleEvaluationHandler:
             x, y, z = voxel_to_world_lps(item["label"], c["centre"])
             self.candidate_rows.append({
                 "case_id": case, "centre_x_mm": round(x, 2), "centre_y_mm": round(y, 2), "centre_z_mm": round(z, 2),
-                "volume_mm3": round(c["volume_mm3"], 1), "score": round(c["score"], 4), "hit_label": c["nodule"],
+                "volume_mm3": round(c["volume_mm3"], 1), "score": round(c["score"], 4), "max_probability": round(c["max_prob"], 4), "hit_label": c["nodule"],
             })  # fmt: skip
 
     def summary(self) -> dict:

@@ -13,6 +13,7 @@ neighbour to 1/4 loses nodules below ~4 mm, an upsampled logit keeps every label
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import List, Union
 
@@ -21,7 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import AttentionUnet
 
-__all__ = ["DeepSupervisionAttentionUnet"]
+__all__ = ["DeepSupervisionAttentionUnet", "load_initial_weights"]
 
 
 class DeepSupervisionAttentionUnet(AttentionUnet):
@@ -108,3 +109,32 @@ class DeepSupervisionAttentionUnet(AttentionUnet):
             aux = head_conv(decoded[i + 1])
             outputs.append(F.interpolate(aux, size=size, mode=self.interp_mode, align_corners=False))
         return outputs
+
+
+def load_initial_weights(network: nn.Module, path: str | None) -> nn.Module:
+    """Start training from the weights in ``path`` (fine-tuning) instead of random ones; no-op when empty.
+
+    ``path`` is a plain state dict (``models/model.pt``, ``model_final.pt``) or a checkpoint dict
+    holding one under ``"model"``. Loaded with ``weights_only=True``; the network may be wrapped in
+    ``DistributedDataParallel``. Every key must match.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a weights-only state dict, or its keys or shapes do not fit.
+    """
+    if not path:
+        return network
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the file's name
+        raise ValueError(f"init_checkpoint {path}: not a weights-only PyTorch state dict ({type(exc).__name__}: {exc})") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    target = getattr(network, "module", network)
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"init_checkpoint {path} does not fit network_def: {str(exc).splitlines()[0]} ({exc})") from None
+    return network
