@@ -136,5 +136,5 @@ def load_initial_weights(network: nn.Module, path: str | None) -> nn.Module:
     try:
         target.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"init_checkpoint {path} does not fit network_def: {str(exc).splitlines()[0]} ({exc})") from None
+        raise ValueError(f"init_checkpoint {path} does not fit network_def: {exc}") from None
     return network
