@@ -11,7 +11,7 @@ import numpy as np
 from monai.utils import min_version, optional_import
 
 from .detection import FP_RATES, candidates, froc, local_dice, match_case, reference_nodules
-from .transforms import source_name, voxel_spacing, voxel_to_world_lps
+from .transforms import source_name, to_numpy, voxel_spacing, voxel_to_world_lps
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
 
@@ -38,10 +38,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
-
-
-def _np(x) -> np.ndarray:
-    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
 
 
 class NoduleEvaluationHandler:
@@ -90,9 +86,9 @@ class NoduleEvaluationHandler:
         """Score one scan (an output item as described in the class docstring)."""
         case = case_name(item, "label")
         spacing = voxel_spacing(item["pred"])
-        pred = _np(item["pred"])[0] > 0
-        prob = _np(item["prob"])[0].astype(np.float32)
-        label = np.rint(_np(item["label"])[0]).astype(np.int32)
+        pred = to_numpy(item["pred"])[0] > 0
+        prob = to_numpy(item["prob"])[0].astype(np.float32)
+        label = np.rint(to_numpy(item["label"])[0]).astype(np.int32)
         if pred.shape != label.shape:
             raise ValueError(f"{case}: prediction {pred.shape} and label {label.shape} are not on one grid")
         ref = label > 0

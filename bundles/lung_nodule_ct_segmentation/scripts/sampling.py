@@ -14,20 +14,15 @@ import logging
 from collections.abc import Hashable, Mapping
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
-from .transforms import source_name, voxel_spacing
+from .transforms import source_name, to_numpy, voxel_spacing
 
 __all__ = ["HardNegativeIndicesd", "negative_indices"]
 
 logger = logging.getLogger(__name__)
-
-
-def _np(x) -> np.ndarray:
-    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
 def negative_indices(
@@ -59,7 +54,8 @@ def negative_indices(
         n_lung, n_other = inside.size, outside.size
     f = float(np.clip(lung_fraction, 0.0, 1.0))
     if n_lung == 0 or n_other == 0 or f in (0.0, 1.0):
-        pool = outside if (n_lung == 0 or f == 0.0) and n_other else inside if n_lung else outside
+        # one side only: the side asked for when it has candidates, else every candidate
+        pool = inside if f == 1.0 and n_lung else outside if f == 0.0 and n_other else np.flatnonzero(flat)
         take = min(pool.size, max_indices)
         return (rng.choice(pool, take, replace=False) if take < pool.size else pool), n_lung, n_other
     # total n such that f*n <= n_lung and (1-f)*n <= n_other, capped
@@ -116,7 +112,7 @@ class HardNegativeIndicesd(MapTransform):
         lung = d.get(self.lung_key)
         if lung is None:
             return None
-        arr = _np(lung)
+        arr = to_numpy(lung)
         mask = (arr > 0).any(axis=0) if arr.ndim == len(shape) + 1 else arr > 0
         if mask.shape != tuple(shape):
             raise ValueError(
@@ -133,16 +129,16 @@ class HardNegativeIndicesd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
-        image = _np(d[self.image_key])[0]
+        image = to_numpy(d[self.image_key])[0]
         for key in self.key_iterator(d):
-            label = _np(d[key]).reshape((-1,) + image.shape).any(axis=0)
+            label = to_numpy(d[key]).reshape((-1,) + image.shape).any(axis=0)
             fg = np.flatnonzero(label)
             dense = (image > self.image_threshold) & ~label
             lung = self._lung(d, image.shape)
             if lung is None:
                 logger.info("%s: no lung mask (or an empty one); negative patches from all dense voxels", source_name(d, self.image_key))
             rng = np.random.default_rng(self.seed)
-            bg, n_lung, n_other = negative_indices(dense, lung, self.lung_fraction, self.max_indices, rng)
+            bg, _, _ = negative_indices(dense, lung, self.lung_fraction, self.max_indices, rng)
             d[f"{key}_fg_indices"] = fg
             d[f"{key}_bg_indices"] = bg
         return d

@@ -27,6 +27,11 @@ __all__ = ["CheckSpacingd", "CheckSized", "NoduleTabled", "source_name", "voxel_
 logger = logging.getLogger(__name__)
 
 
+def to_numpy(x) -> np.ndarray:
+    """A tensor (on any device) or array-like as a NumPy array."""
+    return np.asarray(x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x)
+
+
 def source_name(data: Mapping, key: Hashable) -> str:
     """The file an item came from (``filename_or_obj`` of its metadata), or the key if unknown."""
     img = data.get(key)
