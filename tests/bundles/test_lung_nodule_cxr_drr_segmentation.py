@@ -229,6 +229,36 @@ def test_phases_handler_freezes_groups_and_switches_loss_weights():
         assert lrs["backbone.layer4"] == 1e-4 and lrs["backbone.layer1"] == 0.0 and lrs["backbone.stem"] == 0.0
 
 
+def test_frozen_groups_keep_their_batchnorm_statistics():
+    """In training mode, BatchNorm layers of frozen groups keep their running statistics (pretrained
+    stem/layer1 must not drift); trainable groups' statistics update, and unfreezing lets them update again."""
+    with bundle_scripts(BUNDLE) as scripts:
+        net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        opt = torch.optim.AdamW(scripts.network.param_groups(net, lr=1e-3, backbone_lr=1e-4))
+        phases = [
+            {"name": "joint", "start_epoch": 1, "trainable": ["attention", "fusion", "decoder", "backbone.layer4"]},
+            {"name": "all", "start_epoch": 2, "trainable": ["attention", "fusion", "decoder", "backbone"]},
+        ]
+        handler = scripts.phases.TrainingPhases(net, opt, scripts.losses.FusionSegLoss(), phases)
+        frozen_bn, trained_bn = net.backbone.layer1[0].bn1, net.backbone.layer4[0].bn1
+        x = torch.randn(2, 2, 64, 64) * 3 + 2
+
+        def step():
+            net.train()  # what SupervisedTrainer does every iteration
+            before = frozen_bn.running_mean.clone(), trained_bn.running_mean.clone()
+            with torch.no_grad():
+                net(x)
+            return not torch.equal(before[0], frozen_bn.running_mean), not torch.equal(before[1], trained_bn.running_mean)
+
+        handler.apply(handler.phase_for(1))
+        assert step() == (False, True)
+        assert not net.backbone.layer1[0].conv1.weight.requires_grad
+        handler.apply(handler.phase_for(2))
+        assert step() == (True, True)
+        net.eval()
+        assert not frozen_bn.training
+
+
 # ----------------------------------------------------------------------------------------------
 # input formats and bad input
 # ----------------------------------------------------------------------------------------------

@@ -8,8 +8,15 @@ from collections.abc import Mapping, Sequence
 
 import torch
 from ignite.engine import Engine, Events
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ["TrainingPhases"]
+
+
+def _freeze_stats_of_frozen_norm(module: _BatchNorm, args) -> None:
+    """Forward pre-hook: a BatchNorm whose affine weights do not train runs in eval mode (no running-stat update)."""
+    if module.training and module.weight is not None and not module.weight.requires_grad:
+        module.training = False
 
 
 class TrainingPhases:
@@ -21,6 +28,10 @@ class TrainingPhases:
     ``attention_weight``. Parameters outside ``trainable`` get ``requires_grad=False`` and an optimizer
     group none of whose parameters trains gets learning rate 0 (exact freezing, also under DDP);
     the others get back their ``base_lr``. The frozen prior head is never touched.
+
+    A BatchNorm layer whose own weights are frozen also keeps its running statistics: a forward
+    pre-hook puts it in eval mode while its weights do not train (the trainer calls ``network.train()``
+    every iteration, which would otherwise let the statistics of pretrained, frozen layers drift).
 
     Args:
         network: the network (a DDP wrapper is unwrapped).
@@ -38,6 +49,10 @@ class TrainingPhases:
             raise ValueError("phases: the first phase must have start_epoch 1")
         self.current: str | None = None
         self.logger = logging.getLogger(__name__)
+        for m in self.network.modules():
+            if isinstance(m, _BatchNorm) and not getattr(m, "_frozen_stats_hook", False):
+                m.register_forward_pre_hook(_freeze_stats_of_frozen_norm)
+                m._frozen_stats_hook = True
 
     def attach(self, engine: Engine) -> None:
         """Apply the phase of each epoch when it starts."""
