@@ -183,7 +183,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("summary", help="print what a prepared folder holds")
     m.add_argument("prepared", help="a data_prep output folder")
+
+    g2 = sub.add_parser("merge", help="several prepared folders -> one datalist.json (absolute paths) and nodules.csv")
+    g2.add_argument("--inputs", nargs="+", required=True, help="prepared folders whose folds are kept")
+    g2.add_argument("--extra", nargs="+", default=[], help="prepared folders used for training only (fold -1)")
+    g2.add_argument("--exclude", nargs="+", default=[], help="leave out every patient of these prepared folders (a test set)")
+    g2.add_argument("--out", required=True, help="output folder for datalist.json and nodules.csv")
     return parser
+
+
+def _run_merge(args) -> int:
+    from .merge import merge_prepared
+
+    s = merge_prepared(args.inputs, args.out, extra=args.extra, exclude=args.exclude)
+    print(f"merge: {s['cases']} case(s) of {s['patients']} patient(s), {s['nodule_rows']} nodule row(s); left out: "
+          f"{s['excluded']} case(s) of excluded patients, {s['duplicate_patient']} of patients already merged -> {args.out}")
+    return 0
 
 
 def _run_summary(args) -> int:
@@ -308,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners = {
         "lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "luna16": _run_luna16, "synth-luna16": _run_synth_luna16,
         "luna16-annotations": _run_luna16_annotations, "pggn": _run_pggn, "pggn-table": _run_pggn_table,
-        "drr": _run_drr, "summary": _run_summary,
+        "drr": _run_drr, "summary": _run_summary, "merge": _run_merge,
     }  # fmt: skip
     try:
         if getattr(args, "scheduler", None):  # fail before any long indexing when the cluster is unreachable
