@@ -57,16 +57,19 @@ def merge_prepared(
     """Merge prepared folders (see the module docstring); returns a summary dict.
 
     Raises:
-        OutputError: a folder without a readable datalist, an output folder that is one of the
-            inputs, or nothing left to merge.
+        OutputError: a folder without a readable datalist, a folder given twice, an output folder
+            that is one of the inputs, or nothing left to merge.
     """
     out = Path(out)
     folders = [(Path(f), False) for f in inputs] + [(Path(f), True) for f in extra]
     if not folders:
         raise OutputError("merge: give at least one prepared folder")
-    for f, _ in folders:
-        if f.resolve() == out.resolve():
+    resolved = [f.resolve() for f, _ in folders]
+    for (f, _), r in zip(folders, resolved):
+        if r == out.resolve():
             raise OutputError(f"merge: the output folder {out} is also an input; write the merge elsewhere")
+        if resolved.count(r) > 1:
+            raise OutputError(f"merge: {f} is given more than once (its cases would be listed twice)")
     excluded = {str(e["patient_id"]) for f in exclude for e in _datalist(Path(f))}
     seen: dict[str, Path] = {}
     entries, kept_cases, dropped = [], {}, {"excluded": 0, "duplicate_patient": 0}

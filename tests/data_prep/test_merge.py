@@ -49,12 +49,14 @@ def test_merge_keeps_folds_marks_extras_training_only_and_drops_duplicate_and_ex
 
 
 def test_merge_refuses_bad_folders_with_their_names(tmp_path, capsys):
-    """A folder without a datalist, or an output that is also an input, is refused naming the folder (CLI exit 2)."""
+    """A folder without a datalist, a folder given twice, or an output that is also an input, is refused naming the folder (CLI exit 2)."""
     base = _prepared(tmp_path / "base", [("c1", "P1", 0)], {"c1": 1})
     with pytest.raises(OutputError, match="nowhere: no datalist.json"):
         merge_prepared([base, tmp_path / "nowhere"], tmp_path / "out")
     with pytest.raises(OutputError, match="also an input"):
         merge_prepared([base], base)
+    with pytest.raises(OutputError, match="base is given more than once"):
+        merge_prepared([base], tmp_path / "out", extra=[tmp_path / "base"])
     assert main(["merge", "--inputs", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "nowhere: no datalist.json" in capsys.readouterr().err
     assert main(["merge", "--inputs", str(base), "--out", str(tmp_path / "out2")]) == 0
