@@ -229,6 +229,32 @@ def test_phases_handler_freezes_groups_and_switches_loss_weights():
         assert lrs["backbone.layer4"] == 1e-4 and lrs["backbone.layer1"] == 0.0 and lrs["backbone.stem"] == 0.0
 
 
+def test_patch_sampling_crops_nodule_centred_patches_for_training(tmp_path):
+    """train_patch_size / train_patches_per_image / train_positive_fraction: the training set yields that many patches per pair, of that size, all on the nodule at fraction 1; validation keeps whole images."""
+    from monai.bundle import ConfigParser
+    from monai.utils import set_determinism
+
+    drr_set = make_drr_set(tmp_path / "set", 6, folds=[1, 1, 0], seed=3, negatives=0)
+    with bundle_scripts(BUNDLE):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "train.json"))
+        parser.update({"dataset_dir": str(drr_set), "image_size": SIZE, "num_workers": 0, "train_patch_size": 32,
+                       "train_patches_per_image": 3, "train_positive_fraction": 1.0})
+        set_determinism(seed=0)
+        train_ds = parser.get_parsed_content("train#dataset")
+        val_ds = parser.get_parsed_content("validate#dataset")
+        samples = [train_ds[i] for i in range(len(train_ds))]
+        assert len(train_ds) == 4 and all(isinstance(s, list) and len(s) == 3 for s in samples)
+        patches = [p for s in samples for p in s]
+        assert all(tuple(p["image"].shape) == (2, 32, 32) and tuple(p["label"].shape) == (1, 32, 32) for p in patches)
+        assert all(float(p["label"].sum()) > 0 for p in patches)  # every patch is centred on nodule pixels
+        assert tuple(val_ds[0]["image"].shape) == (2, SIZE, SIZE)
+        parser["train_positive_fraction"] = 0.0  # all patches centred on background: some miss the nodule
+        set_determinism(seed=0)
+        neg = [p for i in range(4) for p in parser.get_parsed_content("train#dataset", lazy=False)[i]]
+        assert any(float(p["label"].sum()) == 0 for p in neg)
+
+
 def test_frozen_groups_keep_their_batchnorm_statistics():
     """In training mode, BatchNorm layers of frozen groups keep their running statistics (pretrained
     stem/layer1 must not drift); trainable groups' statistics update, and unfreezing lets them update again."""
