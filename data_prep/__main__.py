@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-depth", type=float, default=50.0, help="poses >= 1: shift bound along the beam mm (default 50)")
     d.add_argument("--ray-step", type=float, default=4.0, help="sampling step along the rays mm (default 4)")
     d.add_argument("--mask-min-mm", type=float, default=1.0, help="label = 1 where the ray runs this far through the mask (default 1)")
+    d.add_argument("--drr-region", choices=["body", "lungs"], default="body",
+                   help="body: the DRR integrates the whole CT (default); lungs: only the lung field, segmented from the CT's HU "
+                        "(ribs, spine and heart vanish; the X-ray-like image stays whole)")  # fmt: skip
     d.add_argument("--seed", type=int, default=0, help="seed of poses and noise (default 0)")
     d.add_argument("--cases", nargs="+", default=None, help="only these case ids (default: all in datalist.json)")
     d.add_argument("--export-seed-layout", default=None, help="also write <sample>_drr.png and <sample>_drr_mask.png here")
@@ -300,7 +303,7 @@ def _run_drr(args) -> int:
     params = DrrParams(
         geometry=DrrGeometry(sdd=args.sdd, odd=args.odd, size=args.size, detector_mm=args.detector_mm),
         poses=args.poses, seed=args.seed, max_rotation_deg=args.max_rotation, max_shift_mm=args.max_shift,
-        max_depth_mm=args.max_depth, ray_step_mm=args.ray_step, mask_min_mm=args.mask_min_mm,
+        max_depth_mm=args.max_depth, ray_step_mm=args.ray_step, mask_min_mm=args.mask_min_mm, drr_region=args.drr_region,
     )  # fmt: skip
     result = prepare_drr(
         args.prepared, args.out, params, cases=args.cases, workers=args.workers, progress=not args.quiet,

@@ -5,7 +5,8 @@ For every case of a prepared folder (``lidc`` or ``luna16`` step output) and eve
 sample ``<case_id>_p<k>`` is rendered in a cone-beam chest-radiograph geometry and written:
 
 ``images/drr/<sample>.nii.gz`` (the DRR: line integral of the linear attenuation coefficient
-mu(HU) at a CT-like effective energy, scaled to [0, 1], higher = more attenuation),
+mu(HU) at a CT-like effective energy, scaled to [0, 1], higher = more attenuation; with
+``drr_region="lungs"`` only the voxels of the CT's lung field count, see :class:`DrrParams`),
 ``images/xray/<sample>.nii.gz`` (an "X-ray-like" rendering of the same CT in the same pose: a
 lower-energy attenuation curve with more bone contrast, detector blur, quantum and read noise and a
 contrast curve; it is a rendering of the CT, NOT a radiograph), ``labels/nodules/<sample>.nii.gz``
@@ -52,10 +53,11 @@ __all__ = [
     "DrrGeometry", "Pose", "AttenuationCurve", "XrayStyle", "DrrParams", "CT_CURVE", "XRAY_CURVE",
     "make_poses", "rotation_matrix", "hu_channels", "project_volume", "line_integral", "scale_unit",
     "xray_like", "render_case_arrays", "prepare_drr", "render_case", "PreparedFolderError",
-    "SUBDIRS", "NODULE_COLUMNS",
+    "SUBDIRS", "NODULE_COLUMNS", "DRR_REGIONS",
 ]  # fmt: skip
 
 SUBDIRS = ("images/drr", "images/xray", "labels/nodules", "labels/lungs")
+DRR_REGIONS = ("body", "lungs")
 NODULE_COLUMNS = ["sample", "case_id", "pose", "label", "diameter_mm", "projected_area_px", "centroid_row", "centroid_col"]
 
 
@@ -179,6 +181,14 @@ class DrrParams:
         mask_min_mm: a label pixel is 1 where its ray runs at least this far through the mask.
             Default 1.
         xray: the X-ray-like stand-in's style. Default :class:`XrayStyle` ().
+        drr_region: ``"body"`` (default): the DRR integrates every voxel, like a radiograph.
+            ``"lungs"``: a lung-field DRR: only the voxels of the lung field count, so ribs,
+            spine, heart and diaphragm vanish and what is left is parenchyma, vessels and what
+            sits in the lung. The lung field is segmented again from the CT's HU by
+            :func:`data_prep.lung_mask.lung_mask` (not read from the prepared ``labels/lungs``,
+            which holds the nodule labels too: a DRR made with it would trace the annotation);
+            the isocentre is then the centre of that field, so nothing rendered depends on the
+            labels. The X-ray-like stand-in always integrates the whole body.
     """
 
     geometry: DrrGeometry = field(default_factory=DrrGeometry)
@@ -190,8 +200,11 @@ class DrrParams:
     ray_step_mm: float = 4.0
     mask_min_mm: float = 1.0
     xray: XrayStyle = field(default_factory=XrayStyle)
+    drr_region: str = "body"
 
     def __post_init__(self):
+        if self.drr_region not in DRR_REGIONS:
+            raise ValueError(f"drr_region must be one of {', '.join(DRR_REGIONS)}, got {self.drr_region!r}")
         if self.poses < 1:
             raise ValueError(f"poses must be at least 1, got {self.poses}")
         if self.ray_step_mm <= 0 or self.mask_min_mm <= 0:
@@ -432,7 +445,7 @@ def xray_like(channels: np.ndarray, style: XrayStyle = XrayStyle(), rng: np.rand
 
 def render_case_arrays(
     hu: np.ndarray, nodules: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], params: DrrParams = DrrParams(),
-    *, key: str = "case",
+    *, key: str = "case", lung_field: np.ndarray | None = None,
 ) -> list[dict]:  # fmt: skip
     """All poses of one case: DRR, X-ray-like image, projected masks and per-nodule statistics.
 
@@ -443,6 +456,8 @@ def render_case_arrays(
         spacing: (z, y, x) mm.
         params: step settings. Default :class:`DrrParams` ().
         key: case id (seeds the poses and the noise).
+        lung_field: with ``params.drr_region == "lungs"``, the voxels the DRR integrates
+            ``(Z, Y, X)``. Default None: :func:`data_prep.lung_mask.lung_mask` of ``hu``.
 
     Returns:
         One dict per pose: ``pose`` (:class:`Pose`), ``drr``, ``xray`` (float32 (H, W) in [0, 1]),
@@ -452,12 +467,26 @@ def render_case_arrays(
     if hu.ndim != 3 or hu.shape != nodules.shape or hu.shape != lungs.shape:
         raise ValueError(f"image, nodule and lung arrays must be 3D of one shape, got {hu.shape}, {nodules.shape}, {lungs.shape}")
     spacing = np.asarray(spacing, float)
-    lung_idx = np.argwhere(lungs > 0)
+    channels = hu_channels(hu)
+    vol = [channels, (lungs > 0).astype(np.float32)[None]]
+    framing = lungs
+    if params.drr_region == "lungs":  # two more channels: the HU channels inside the lung field
+        if lung_field is None:
+            from .lung_mask import lung_mask
+
+            lung_field = lung_mask(hu, tuple(spacing))
+        if lung_field.shape != hu.shape:
+            raise ValueError(f"lung_field {lung_field.shape} does not match the image {hu.shape}")
+        if not lung_field.any():
+            raise ValueError("drr_region 'lungs': no lung field found in the CT (lung_mask is empty), the DRR would be blank")
+        vol.append(channels * (lung_field > 0)[None])
+        framing = lung_field  # nothing of the rendering depends on the labels
+    lung_idx = np.argwhere(framing > 0)
     if len(lung_idx):  # isocentre: centre of the lung field's bounding box, (x, y, z) index
         iso = ((lung_idx.min(0) + lung_idx.max(0)) / 2.0)[::-1]
     else:
         iso = (np.array(hu.shape[::-1]) - 1) / 2.0
-    vol = np.concatenate([hu_channels(hu), (lungs > 0).astype(np.float32)[None]])
+    vol = np.concatenate(vol)
     labels = [int(k) for k in np.unique(nodules) if k > 0]
     # the nodules are projected from a crop around them (same isocentre, same pose)
     crop = None
@@ -473,7 +502,7 @@ def render_case_arrays(
     results = []
     for k, pose in enumerate(poses):
         proj = project_volume(vol, spacing, g, pose, iso_index=iso, ray_step_mm=params.ray_step_mm)
-        drr, scale = scale_unit(line_integral(proj[:2], CT_CURVE))
+        drr, scale = scale_unit(line_integral(proj[3:5] if params.drr_region == "lungs" else proj[:2], CT_CURVE))
         rng = np.random.default_rng([int(params.seed), zlib.crc32(key.encode()), k])
         xray = xray_like(proj[:2], params.xray, rng)
         lung2d = (proj[2] >= params.mask_min_mm).astype(np.uint8)

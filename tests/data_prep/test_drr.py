@@ -270,3 +270,60 @@ def test_agrees_with_nanodrr_dense_rendering(pose):
     body = ref > 0.2 * ref.max()
     assert body.sum() > 500
     assert np.abs(ours - ref)[body].mean() / ref[body].mean() < 0.01
+
+
+def _contrast(img, mask):
+    """Mean inside ``mask`` minus the mean of a 3-8 px ring around it, over the ring's std."""
+    from scipy import ndimage as ndi
+
+    ring = ndi.binary_dilation(mask, iterations=8) & ~ndi.binary_dilation(mask, iterations=3)
+    return (img[mask].mean() - img[ring].mean()) / img[ring].std()
+
+
+@pytest.fixture(scope="module")
+def chest():
+    """The lung-mask tests' supine chest phantom (vessels, nodules, airways, gas) and its lung field."""
+    from data_prep.lung_mask import lung_mask
+    from tests.data_prep.test_lung_mask import PHANTOM_SPACING, make_phantom
+
+    hu, parts = make_phantom()
+    return hu, parts, lung_mask(hu, PHANTOM_SPACING), PHANTOM_SPACING
+
+
+def test_lung_region_drr_keeps_the_lung_field_only_and_never_reads_the_labels(chest):
+    """drr_region='lungs': zero where rays miss the lung field (the body DRR is not), the nodule stands out more than
+    in the body DRR, and the DRR is the same whatever the nodule and lung labels say (no trace of the annotation)."""
+    hu, parts, field, sp = chest
+    nodule = parts["nodule"].astype(np.uint8)
+    labelled_lungs = (parts["lungs"] | parts["nodule"]).astype(np.uint8)
+    params = _params(poses=1, geometry=DrrGeometry(size=128, detector_mm=300.0), drr_region="lungs")
+    lungs_res = render_case_arrays(hu, nodule, labelled_lungs, sp, params)[0]
+    body_res = render_case_arrays(hu, nodule, labelled_lungs, sp, _params(poses=1, geometry=params.geometry))[0]
+    # the projected CT lung field (the integral of the field along each ray)
+    field_2d = render_case_arrays(hu, field, labelled_lungs, sp, _params(poses=1, geometry=params.geometry))[0]["nodules"]
+    from scipy import ndimage as ndi
+
+    outside = ~ndi.binary_dilation(field_2d > 0, iterations=2) & (body_res["drr"] > 0.05)  # 2 px: rays grazing the field
+    assert outside.sum() > 1000
+    assert np.abs(lungs_res["drr"][outside]).max() < 0.02 and body_res["drr"][outside].mean() > 0.2
+    m = lungs_res["nodules"] > 0
+    assert m.sum() > 5
+    assert _contrast(lungs_res["drr"], m) > _contrast(body_res["drr"], m) + 0.5
+    # other labels (a nodule label grown into the chest wall, lungs = everything): the same DRR
+    grown = np.zeros_like(nodule)
+    grown[20:40, 60:140, 20:60] = 1
+    other = render_case_arrays(hu, grown, np.ones_like(nodule), sp, params)[0]
+    assert np.array_equal(other["drr"], lungs_res["drr"])
+    assert not np.array_equal(other["nodules"], lungs_res["nodules"])
+
+
+def test_lung_region_drr_refuses_a_ct_without_lungs(prepared, tmp_path, capsys):
+    """The water phantoms hold no air-filled lung: each case fails with a message saying so; a bad region is refused."""
+    out = tmp_path / "drr"
+    assert main(["drr", "--prepared", str(prepared), "--out", str(out), "--drr-region", "lungs", *ARGS]) == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {rec["status"] for rec in manifest["cases"].values()} == {"failed"}
+    assert all("no lung field found in the CT" in rec["error"] for rec in manifest["cases"].values())
+    assert manifest["parameters"]["drr_region"] == "lungs"
+    with pytest.raises(ValueError, match="drr_region must be one of body, lungs"):
+        DrrParams(drr_region="bones")
