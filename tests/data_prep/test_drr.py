@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from data_prep.__main__ import main
 from data_prep.drr import (
@@ -274,8 +275,6 @@ def test_agrees_with_nanodrr_dense_rendering(pose):
 
 def _contrast(img, mask):
     """Mean inside ``mask`` minus the mean of a 3-8 px ring around it, over the ring's std."""
-    from scipy import ndimage as ndi
-
     ring = ndi.binary_dilation(mask, iterations=8) & ~ndi.binary_dilation(mask, iterations=3)
     return (img[mask].mean() - img[ring].mean()) / img[ring].std()
 
@@ -301,8 +300,6 @@ def test_lung_region_drr_keeps_the_lung_field_only_and_never_reads_the_labels(ch
     body_res = render_case_arrays(hu, nodule, labelled_lungs, sp, _params(poses=1, geometry=params.geometry))[0]
     # the projected CT lung field (the integral of the field along each ray)
     field_2d = render_case_arrays(hu, field, labelled_lungs, sp, _params(poses=1, geometry=params.geometry))[0]["nodules"]
-    from scipy import ndimage as ndi
-
     outside = ~ndi.binary_dilation(field_2d > 0, iterations=2) & (body_res["drr"] > 0.05)  # 2 px: rays grazing the field
     assert outside.sum() > 1000
     assert np.abs(lungs_res["drr"][outside]).max() < 0.02 and body_res["drr"][outside].mean() > 0.2
@@ -317,7 +314,7 @@ def test_lung_region_drr_keeps_the_lung_field_only_and_never_reads_the_labels(ch
     assert not np.array_equal(other["nodules"], lungs_res["nodules"])
 
 
-def test_lung_region_drr_refuses_a_ct_without_lungs(prepared, tmp_path, capsys):
+def test_lung_region_drr_refuses_a_ct_without_lungs(prepared, tmp_path):
     """The water phantoms hold no air-filled lung: each case fails with a message saying so; a bad region is refused."""
     out = tmp_path / "drr"
     assert main(["drr", "--prepared", str(prepared), "--out", str(out), "--drr-region", "lungs", *ARGS]) == 1
