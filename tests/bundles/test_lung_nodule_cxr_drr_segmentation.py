@@ -176,6 +176,52 @@ def test_network_fuses_drr_attention_at_each_scale():
             assert torch.equal(net(x2)[:, 0], net(x)[:, 0])  # ... only through f * (1 + alpha * a)
 
 
+def test_drr_skips_give_the_decoder_the_drr_without_the_gates():
+    """drr_skips=True: the DRR reaches the mask also when the gates are off (alpha 0), as a change local to the DRR; same output shape, TorchScript-exportable."""
+    with bundle_scripts(BUNDLE) as scripts:
+        torch.manual_seed(0)
+        net = scripts.network.CxrDrrFusionNet(
+            backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8), drr_skips=True
+        ).eval()
+        net.fusion["alpha"].data.zero_()
+        x = torch.randn(1, 2, 64, 64)
+        x2 = x.clone()
+        x2[:, 1, 40:44, 40:44] += 3.0  # a small bright spot in the DRR only
+        with torch.no_grad():
+            y, y2 = net(x), net(x2)
+            assert y.shape == (1, 5, 64, 64)
+            diff = (y2[0, 0] - y[0, 0]).abs()
+            assert diff.max() > 0  # the DRR steers the mask with the gates off
+            assert diff[36:48, 36:48].max() == diff.max()  # strongest where the DRR changed (full-resolution skip)
+            ts = torch.jit.script(net)
+            assert torch.allclose(ts(x2), y2, atol=1e-5)
+        # the same layout without the skips: alpha 0 cuts the DRR off the mask (see the test above)
+        plain = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        assert sum(p.numel() for p in net.decoder.parameters()) > sum(p.numel() for p in plain.decoder.parameters())
+
+
+def test_init_checkpoint_fine_tunes_from_saved_weights_and_names_bad_files(tmp_path):
+    """init_checkpoint: a saved state dict (plain or under "model") is loaded exactly; a missing, non-weights or mismatched file is named in the error."""
+    with bundle_scripts(BUNDLE) as scripts:
+        kw = dict(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        torch.manual_seed(1)
+        src = scripts.network.CxrDrrFusionNet(**kw)
+        torch.save({"model": src.state_dict()}, tmp_path / "ckpt.pt")
+        torch.manual_seed(2)
+        dst = scripts.network.CxrDrrFusionNet(**kw)
+        assert not torch.equal(dst.decoder["head"].weight, src.decoder["head"].weight)
+        scripts.network.load_init_checkpoint(dst, str(tmp_path / "ckpt.pt"))
+        assert all(torch.equal(a, b) for a, b in zip(dst.state_dict().values(), src.state_dict().values()))
+        assert scripts.network.load_init_checkpoint(dst, "") is dst
+        with pytest.raises(FileNotFoundError, match="nope.pt"):
+            scripts.network.load_init_checkpoint(dst, str(tmp_path / "nope.pt"))
+        torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
+        with pytest.raises(ValueError, match="module.pt.*weights-only"):
+            scripts.network.load_init_checkpoint(dst, str(tmp_path / "module.pt"))
+        with pytest.raises(ValueError, match="ckpt.pt does not fit network_def"):
+            scripts.network.load_init_checkpoint(scripts.network.CxrDrrFusionNet(**kw, drr_skips=True), str(tmp_path / "ckpt.pt"))
+
+
 def test_loss_prefers_the_right_mask_and_allows_empty_masks():
     """Tversky + focal Tversky + weighted BCE + attention BCE: lower for the right mask, finite on an empty mask, weights switch terms off."""
     with bundle_scripts(BUNDLE) as scripts:

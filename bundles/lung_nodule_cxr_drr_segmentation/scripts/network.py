@@ -1,6 +1,6 @@
 """X-ray + DRR fusion network: ResNet-50 X-ray encoder, multi-scale supervised attention on the DRR,
 fusion ``f * (1 + alpha * a)`` at 1/4, 1/8, 1/16 and 1/32, and a skip-connected decoder with
-transposed-convolution upsampling.
+transposed-convolution upsampling (optionally also fed the DRR path's features, ``drr_skips``).
 
 The network is a plain ``(B, 2, H, W) -> (B, 1 + S, H, W)`` module so that ``verify_net_in_out``,
 ``ckpt_export`` (TorchScript) and MONAI Label see an ordinary segmentation network:
@@ -19,6 +19,7 @@ H and W must be multiples of 32.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from monai.networks.nets import ResNet
 __all__ = [
     "BACKBONE_GROUPS",
     "CxrDrrFusionNet",
+    "load_init_checkpoint",
     "load_xrv_weights",
     "map_torchvision_resnet_keys",
     "param_groups",
@@ -100,7 +102,12 @@ class MultiScaleAttention(nn.Module):
 
     def forward(self, drr: torch.Tensor) -> list[torch.Tensor]:
         """(B, 1, H, W) -> attention logits [(B, 1, H/4, W/4), (B, 1, H/8, W/8), ...] (fine to coarse)."""
+        return self.features(drr)[2]
+
+    def features(self, drr: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(B, 1, H, W) -> (stem features at 1/2, refined features at 1/4..1/32, attention logits at 1/4..1/32)."""
         x = self.stem(drr)
+        stem = x
         feats: list[torch.Tensor] = []
         for stage in self.stages:
             x = stage(x)
@@ -115,7 +122,7 @@ class MultiScaleAttention(nn.Module):
         out: list[torch.Tensor] = []
         for i, head in enumerate(self.heads):
             out.append(head(refined[i]))
-        return out
+        return stem, refined, out
 
 
 class UpBlock(nn.Module):
@@ -159,6 +166,11 @@ class CxrDrrFusionNet(nn.Module):
         prior_probability: initial foreground probability of the mask and attention heads (their bias is
             set to its log-odds, as in RetinaNet): with nodules on well under 1% of the pixels, a bias of 0
             makes the first iterations spend themselves on pushing everything to background. Default 0.01.
+        drr_skips: also feed the DRR path's features to the decoder: its refined features join the
+            X-ray skips at 1/4..1/32, its stem features at 1/2, and the two input images at full
+            resolution. Without them the DRR reaches the decoder only through the one-channel
+            attention gates, which cannot place a nodule that the X-ray features do not show.
+            Default False (the layout of model 0.2.0 and earlier).
     """
 
     def __init__(
@@ -171,6 +183,7 @@ class CxrDrrFusionNet(nn.Module):
         xrv_weights: str | Path | None = None,
         pathology_index: int = 11,
         prior_probability: float = 0.01,
+        drr_skips: bool = False,
     ) -> None:
         super().__init__()
         if in_channels != 2:
@@ -191,14 +204,20 @@ class CxrDrrFusionNet(nn.Module):
         self.attention = MultiScaleAttention(1, attention_channels)
         self.fusion = nn.ParameterDict({"alpha": nn.Parameter(torch.full((4,), float(fusion_alpha)))})
         d = list(decoder_channels)
+        self.drr_skips = bool(drr_skips)
+        # extra decoder inputs from the DRR path: refined 1/4..1/32, stem 1/2, the input images at 1/1
+        a = list(attention_channels) if self.drr_skips else [0] * 5
+        full = 2 if self.drr_skips else 0
         self.decoder = nn.ModuleDict(
             {
-                "bottleneck": nn.Sequential(nn.Conv2d(feat_channels[3] + 1, d[0], 1, bias=False), nn.BatchNorm2d(d[0]), nn.ReLU(inplace=True)),
-                "up16": UpBlock(d[0], feat_channels[2], d[1]),
-                "up8": UpBlock(d[1], feat_channels[1], d[2]),
-                "up4": UpBlock(d[2], feat_channels[0], d[3]),
-                "up2": UpBlock(d[3], w, d[4]),
-                "up1": UpBlock(d[4], 0, d[5]),
+                "bottleneck": nn.Sequential(
+                    nn.Conv2d(feat_channels[3] + 1 + a[4], d[0], 1, bias=False), nn.BatchNorm2d(d[0]), nn.ReLU(inplace=True)
+                ),
+                "up16": UpBlock(d[0], feat_channels[2] + a[3], d[1]),
+                "up8": UpBlock(d[1], feat_channels[1] + a[2], d[2]),
+                "up4": UpBlock(d[2], feat_channels[0] + a[1], d[3]),
+                "up2": UpBlock(d[3], w + a[0], d[4]),
+                "up1": UpBlock(d[4], full, d[5]),
                 "head": nn.Conv2d(d[5], 1, 1),
             }
         )
@@ -212,7 +231,7 @@ class CxrDrrFusionNet(nn.Module):
         """(B, 2, H, W) -> (B, 5, H, W): nodule logit, then attention logits at 1/4, 1/8, 1/16, 1/32 (upsampled)."""
         xray = x[:, 0:1]
         drr = x[:, 1:2]
-        att = self.attention(drr)
+        drr_stem, drr_feats, att = self.attention.features(drr)
         alpha = self.fusion["alpha"]
         b = self.backbone
         stem = b.act(b.bn1(b.conv1(xray)))
@@ -225,12 +244,20 @@ class CxrDrrFusionNet(nn.Module):
         f3 = f3 * (1.0 + alpha[2] * torch.sigmoid(att[2]))
         f4 = f4 * (1.0 + alpha[3] * torch.sigmoid(att[3]))
         dec = self.decoder
-        y = dec["bottleneck"](torch.cat([f4, self.prior(f4)], dim=1))
-        y = dec["up16"](y, f3)
-        y = dec["up8"](y, f2)
-        y = dec["up4"](y, f1)
-        y = dec["up2"](y, stem)
-        y = dec["up1"](y, None)
+        if self.drr_skips:
+            y = dec["bottleneck"](torch.cat([f4, self.prior(f4), drr_feats[3]], dim=1))
+            y = dec["up16"](y, torch.cat([f3, drr_feats[2]], dim=1))
+            y = dec["up8"](y, torch.cat([f2, drr_feats[1]], dim=1))
+            y = dec["up4"](y, torch.cat([f1, drr_feats[0]], dim=1))
+            y = dec["up2"](y, torch.cat([stem, drr_stem], dim=1))
+            y = dec["up1"](y, x)
+        else:
+            y = dec["bottleneck"](torch.cat([f4, self.prior(f4)], dim=1))
+            y = dec["up16"](y, f3)
+            y = dec["up8"](y, f2)
+            y = dec["up4"](y, f1)
+            y = dec["up2"](y, stem)
+            y = dec["up1"](y, None)
         seg = dec["head"](y)
         size = seg.shape[-2:]
         outs = [seg]
@@ -345,3 +372,30 @@ def param_groups(net: nn.Module, lr: float, backbone_lr: float, weight_decay: fl
             rate = backbone_lr if g.startswith("backbone") else lr
             out.append({"name": g, "params": params, "lr": rate, "base_lr": rate, "weight_decay": weight_decay})
     return out
+
+
+def load_init_checkpoint(net: nn.Module, path: str | None) -> nn.Module:
+    """Fine-tuning: start from the weights in ``path`` (e.g. the shipped ``models/model.pt``); no-op when empty.
+
+    A plain state dict or one under ``"model"`` (an ignite checkpoint), loaded weights-only into the
+    network (a DDP wrapper is unwrapped); every key and shape must fit ``network_def``.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a weights-only state dict, or it does not fit the network.
+    """
+    if not path:
+        return net
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"init_checkpoint {path}: no such file")
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # any unpickling failure is reported with the file's name
+        raise ValueError(f"init_checkpoint {path}: not a weights-only state dict ({type(e).__name__})") from None
+    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
+        sd = sd["model"]
+    try:
+        getattr(net, "module", net).load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"init_checkpoint {path} does not fit network_def (check drr_skips and the widths): {e}") from None
+    return net
