@@ -215,6 +215,24 @@ def test_init_checkpoint_loads_weights_and_refuses_bad_files(tmp_path):
             scripts.network.load_initial_weights(dst, str(tmp_path / "missing.pt"))
 
 
+def test_tta_flag_from_the_command_line_means_what_it_says():
+    """``--tta false`` arrives as the string 'false' (truthy in Python): it must switch TTA off, and a typo is refused by name."""
+    from monai.bundle import ConfigParser
+
+    with bundle_scripts(BUNDLE):
+        for given, expected in [("false", False), ("False", False), ("true", True), (True, True), (0, False)]:
+            parser = ConfigParser()
+            parser.read_config(str(BUNDLES / BUNDLE / "configs" / "inference.json"))
+            parser["tta"] = given
+            assert parser.get_parsed_content("inferer").flip_tta is expected, given
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLES / BUNDLE / "configs" / "inference.json"))
+        parser["tta"] = "ture"
+        with pytest.raises(RuntimeError) as err:  # MONAI wraps it; the cause names the key
+            parser.get_parsed_content("inferer")
+        assert "flip_tta (the config's tta): expected true or false, got 'ture'" in str(err.value.__cause__)
+
+
 def test_nodule_table_in_world_lps_mm():
     """The nodule table gives each component's centre in world LPS mm, volume in mm^3 and mean probability."""
     with bundle_scripts(BUNDLE) as scripts:

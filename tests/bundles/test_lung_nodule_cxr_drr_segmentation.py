@@ -200,6 +200,27 @@ def test_drr_skips_give_the_decoder_the_drr_without_the_gates():
         assert sum(p.numel() for p in net.decoder.parameters()) > sum(p.numel() for p in plain.decoder.parameters())
 
 
+def test_drr_skips_flag_from_the_command_line_means_what_it_says():
+    """``--drr_skips false`` arrives as the string 'false': the network must be built without DRR skips; a typo is refused by name."""
+    from monai.bundle import ConfigParser
+
+    with bundle_scripts(BUNDLE):
+        built = {}
+        for given in ["false", "true", "nope"]:
+            parser = ConfigParser()
+            parser.read_config(str(BUNDLES / BUNDLE / "configs" / "inference.json"))
+            parser["drr_skips"] = given
+            if given == "nope":
+                with pytest.raises(RuntimeError) as err:  # MONAI wraps it; the cause names the key
+                    parser.get_parsed_content("network_def")
+                assert "drr_skips: expected true or false, got 'nope'" in str(err.value.__cause__)
+            else:
+                built[given] = parser.get_parsed_content("network_def")
+        assert built["false"].drr_skips is False and built["true"].drr_skips is True
+        n_false, n_true = (sum(p.numel() for p in built[k].parameters()) for k in ("false", "true"))
+        assert n_true > n_false  # the skip-fed decoder has wider input convolutions
+
+
 def test_init_checkpoint_fine_tunes_from_saved_weights_and_names_bad_files(tmp_path):
     """init_checkpoint: a saved state dict (plain or under "model") is loaded exactly; a missing, non-weights or mismatched file is named in the error."""
     with bundle_scripts(BUNDLE) as scripts:

@@ -156,6 +156,11 @@ def test_bad_input_gets_clear_messages(data, tmp_path):
             scripts.table.read_table(str(missing), FEATURES, "malignant")
         with pytest.raises(TableError, match=r"extra column\(s\) \['ggn'\]"):
             scripts.table.read_table(str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns=False)
+        # the command line hands "false" over as a string, which must not read as true
+        with pytest.raises(TableError, match=r"extra column\(s\) \['ggn'\]"):
+            scripts.table.read_table(str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns="false")
+        with pytest.raises(ValueError, match=r"allow_extra_columns: expected true or false, got 'maybe'"):
+            scripts.table.read_table(str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns="maybe")
         nan = _write_table(tmp_path / "nan.csv", [dict(r, texture="nan") if i == 3 else r for i, r in enumerate(rows)])
         with pytest.raises(TableError, match=r"nan.csv: empty, NaN or non-numeric.*'texture' in N003"):
             scripts.table.read_table(str(nan), FEATURES, "malignant")

@@ -3,7 +3,7 @@ the nodule table, hard-negative patch sampling, sliding-window TTA, FROC/CPM eva
 
 from __future__ import annotations
 
-from . import cpu_conv, data, detection, handlers, inferer, network, sampling, transforms
+from . import cpu_conv, data, detection, flags, handlers, inferer, network, sampling, transforms
 from .data import inference_items, load_split
 from .handlers import NoduleEvaluationHandler, NoduleTableWriter
 from .inferer import NoduleSlidingWindowInferer
@@ -12,7 +12,7 @@ from .sampling import HardNegativeIndicesd
 from .transforms import CheckSized, CheckSpacingd, NoduleTabled
 
 __all__ = [
-    "cpu_conv", "data", "detection", "handlers", "inferer", "network", "sampling", "transforms", "load_split", "inference_items",
+    "cpu_conv", "data", "detection", "flags", "handlers", "inferer", "network", "sampling", "transforms", "load_split", "inference_items",
     "NoduleEvaluationHandler", "NoduleTableWriter", "NoduleSlidingWindowInferer", "DeepSupervisionAttentionUnet",
     "CheckSized", "CheckSpacingd", "HardNegativeIndicesd", "NoduleTabled",
 ]

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from monai.inferers import SlidingWindowInferer
 
+from .flags import as_flag
+
 __all__ = ["NoduleSlidingWindowInferer"]
 
 
@@ -40,7 +42,7 @@ class NoduleSlidingWindowInferer(SlidingWindowInferer):
     ) -> None:  # fmt: skip
         super().__init__(roi_size=roi_size, sw_batch_size=sw_batch_size, overlap=overlap, mode=mode, **kwargs)
         self.max_roi_size = self.roi_size
-        self.flip_tta = flip_tta
+        self.flip_tta = as_flag(flip_tta, "flip_tta (the config's tta)")
         self.flip_axes = tuple(int(a) for a in flip_axes)
         self.size_divisible = int(size_divisible)
 

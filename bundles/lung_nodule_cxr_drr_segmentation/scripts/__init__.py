@@ -3,6 +3,6 @@ phases, radiograph I/O with input checks, and the per-image evaluation writer.""
 
 from __future__ import annotations
 
-from . import handlers, io, losses, network, phases
+from . import flags, handlers, io, losses, network, phases
 
-__all__ = ["handlers", "io", "losses", "network", "phases"]
+__all__ = ["flags", "handlers", "io", "losses", "network", "phases"]

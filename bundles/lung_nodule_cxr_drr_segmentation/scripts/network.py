@@ -28,6 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import ResNet
 
+from .flags import as_flag
+
 __all__ = [
     "BACKBONE_GROUPS",
     "CxrDrrFusionNet",
@@ -204,7 +206,7 @@ class CxrDrrFusionNet(nn.Module):
         self.attention = MultiScaleAttention(1, attention_channels)
         self.fusion = nn.ParameterDict({"alpha": nn.Parameter(torch.full((4,), float(fusion_alpha)))})
         d = list(decoder_channels)
-        self.drr_skips = bool(drr_skips)
+        self.drr_skips = as_flag(drr_skips, "drr_skips")
         # extra decoder inputs from the DRR path: refined 1/4..1/32, stem 1/2, the input images at 1/1
         a = list(attention_channels) if self.drr_skips else [0] * 5
         full = 2 if self.drr_skips else 0

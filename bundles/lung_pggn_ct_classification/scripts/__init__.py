@@ -3,6 +3,6 @@ the masked-reconstruction loss, binary-classification metrics and their report h
 
 from __future__ import annotations
 
-from . import checkpoint, engine, handlers, metrics, networks, table, transforms
+from . import checkpoint, engine, flags, handlers, metrics, networks, table, transforms
 
-__all__ = ["checkpoint", "engine", "handlers", "metrics", "networks", "table", "transforms"]
+__all__ = ["checkpoint", "engine", "flags", "handlers", "metrics", "networks", "table", "transforms"]

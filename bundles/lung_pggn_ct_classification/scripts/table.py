@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .flags import as_flag
+
 __all__ = ["TableError", "read_table", "split_rows", "inference_rows"]
 
 logger = logging.getLogger(__name__)
@@ -88,7 +90,7 @@ def read_table(
         raise TableError(f"{path_}: missing column(s) ({what}); the table has {header}")
     used = {c for cols in needed.values() for c in cols}
     extra = [c for c in header if c not in used]
-    if extra and not allow_extra_columns:
+    if extra and not as_flag(allow_extra_columns, "allow_extra_columns"):
         raise TableError(f"{path_}: extra column(s) {extra} not named by the config (allow_extra_columns is false)")
     if extra:
         logger.info("%s: %d column(s) not used by this configuration: %s", path_, len(extra), ", ".join(extra))
