@@ -246,20 +246,18 @@ class CxrDrrFusionNet(nn.Module):
         f3 = f3 * (1.0 + alpha[2] * torch.sigmoid(att[2]))
         f4 = f4 * (1.0 + alpha[3] * torch.sigmoid(att[3]))
         dec = self.decoder
+        # skips fine to coarse (1/2 .. 1/32); with drr_skips the DRR path's features join each one
+        skips = [stem, f1, f2, f3, torch.cat([f4, self.prior(f4)], dim=1)]
+        full: torch.Tensor | None = None
         if self.drr_skips:
-            y = dec["bottleneck"](torch.cat([f4, self.prior(f4), drr_feats[3]], dim=1))
-            y = dec["up16"](y, torch.cat([f3, drr_feats[2]], dim=1))
-            y = dec["up8"](y, torch.cat([f2, drr_feats[1]], dim=1))
-            y = dec["up4"](y, torch.cat([f1, drr_feats[0]], dim=1))
-            y = dec["up2"](y, torch.cat([stem, drr_stem], dim=1))
-            y = dec["up1"](y, x)
-        else:
-            y = dec["bottleneck"](torch.cat([f4, self.prior(f4)], dim=1))
-            y = dec["up16"](y, f3)
-            y = dec["up8"](y, f2)
-            y = dec["up4"](y, f1)
-            y = dec["up2"](y, stem)
-            y = dec["up1"](y, None)
+            skips = [torch.cat([s, d], dim=1) for s, d in zip(skips, [drr_stem] + drr_feats)]
+            full = x
+        y = dec["bottleneck"](skips[4])
+        y = dec["up16"](y, skips[3])
+        y = dec["up8"](y, skips[2])
+        y = dec["up4"](y, skips[1])
+        y = dec["up2"](y, skips[0])
+        y = dec["up1"](y, full)
         seg = dec["head"](y)
         size = seg.shape[-2:]
         outs = [seg]
