@@ -275,6 +275,78 @@ def test_hard_negatives_come_mostly_from_the_lungs():
             scripts.HardNegativeIndicesd("label", lung_fraction=1.5)
 
 
+def test_positive_centres_balanced_per_nodule_and_attached_nodules_weighted():
+    """Positive centres: by default every nodule voxel; "nodule" mode gives each nodule the same share
+    whatever its size, and a nodule touching soft tissue gets ``attached_weight`` times its share."""
+    with bundle_scripts(BUNDLE) as scripts:
+        image = np.full((60, 40, 30), 0.15, np.float32)  # window-scaled lung parenchyma (about -790 HU)
+        image[:, :, 24:] = 0.75  # chest wall (about +50 HU)
+        label = np.zeros_like(image)
+        label[10:22, 10:22, 6:18] = 1  # big nodule (12^3 = 1728 voxels) in the middle of the lung
+        label[40:44, 20:24, 20:24] = 2  # small nodule (64 voxels) touching the wall (z 24)
+        image[label > 0] = 0.75
+        data = {"image": _meta_tensor(image), "label": _meta_tensor(label)}
+        big, small = np.flatnonzero(label == 1), np.flatnonzero(label == 2)
+
+        plain = scripts.HardNegativeIndicesd("label", image_threshold=0.3)(data)["label_fg_indices"]
+        assert sorted(plain.tolist()) == sorted(np.flatnonzero(label).tolist())  # unchanged default
+
+        def shares(**kw):
+            fg = scripts.HardNegativeIndicesd("label", image_threshold=0.3, **kw)(data)["label_fg_indices"]
+            assert np.isin(fg, np.flatnonzero(label)).all()  # positives only on nodules
+            return np.isin(fg, big).sum(), np.isin(fg, small).sum()
+
+        b, s = shares(positive_balance="nodule", per_nodule=500)
+        assert (b, s) == (500, 500)
+        thr = 0.4  # between parenchyma and wall: the small nodule's 3 mm shell is about a third wall
+        b, s = shares(positive_balance="nodule", per_nodule=500, attached_threshold=0.3, attached_weight=4)
+        assert (b, s) == (500, 2000)
+        b, s = shares(attached_threshold=0.3, attached_weight=3)  # voxel mode: the attached nodule's voxels x3
+        assert (b, s) == (big.size, 3 * small.size)
+        b, s = shares(positive_balance="nodule", per_nodule=500, attached_threshold=thr, attached_weight=4)
+        assert (b, s) == (500, 500)  # a shell mean of about 0.35 is below 0.4: not attached
+
+        comps = np.asarray(label, np.int32)
+        means = scripts.sampling.shell_means(comps, 2, image, (1.0, 1.0, 1.0), 3.0)
+        assert abs(means[0] - 0.15) < 1e-6  # big nodule: parenchyma all round
+        assert 0.3 < means[1] < 0.4  # small one: part wall, part parenchyma
+        with pytest.raises(ValueError, match="positive_balance"):
+            scripts.HardNegativeIndicesd("label", positive_balance="size")
+        with pytest.raises(ValueError, match="attached_weight"):
+            scripts.HardNegativeIndicesd("label", attached_weight=0.5)
+
+
+def test_scans_with_attached_nodules_drawn_more_often():
+    """attached_scan_weight: a scan holding a nodule that touches the chest wall is drawn that many times as often."""
+    from monai.data import CacheDataset
+
+    with bundle_scripts(BUNDLE) as scripts:
+        items = []
+        for attached in (True, False, False, False):
+            image = np.full((40, 40, 30), 0.15, np.float32)
+            image[:, :, 24:] = 0.75  # chest wall
+            label = np.zeros_like(image)
+            z = slice(20, 24) if attached else slice(8, 12)  # touching the wall at z 24, or in mid-lung
+            label[18:22, 18:22, z] = 1
+            image[label > 0] = 0.75
+            items.append({"image": _meta_tensor(image), "label": _meta_tensor(label)})
+        t = scripts.HardNegativeIndicesd("label", image_threshold=0.3, attached_threshold=0.3, attached_weight=2)
+        ds = CacheDataset(items, transform=t, cache_rate=1.0, progress=False)
+        assert [int(ds[i]["label_n_attached"]) for i in range(4)] == [1, 0, 0, 0]
+        assert scripts.attached_scan_sampler(ds, 1.0) is None  # default: plain shuffling
+        sampler = scripts.attached_scan_sampler(ds, 6.0)
+        assert len(sampler) == 4
+        torch.manual_seed(0)
+        draws = np.array([i for _ in range(500) for i in sampler])
+        share = (draws == 0).mean()  # expected 6 / (6 + 3) = 0.67 (0.25 unweighted)
+        assert 0.6 < share < 0.73, share
+        uncached = CacheDataset(items, transform=t, cache_rate=0.5, progress=False)
+        with pytest.raises(ValueError, match="cache_rate 1.0"):
+            scripts.attached_scan_sampler(uncached, 6.0)
+        with pytest.raises(ValueError, match="single-process only"):
+            scripts.sampling.require_unweighted_scans(2)
+
+
 def _foreground_auc(ckpt: Path | None, image: Path, label: Path) -> float:
     """ROC AUC of the network's voxel probabilities for nodule vs background on one whole (cropped) scan."""
     from monai.bundle import ConfigParser

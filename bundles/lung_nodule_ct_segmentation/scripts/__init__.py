@@ -8,11 +8,11 @@ from .data import inference_items, load_split
 from .handlers import NoduleEvaluationHandler, NoduleTableWriter
 from .inferer import NoduleSlidingWindowInferer
 from .network import DeepSupervisionAttentionUnet
-from .sampling import HardNegativeIndicesd
+from .sampling import HardNegativeIndicesd, attached_scan_sampler
 from .transforms import CheckSized, CheckSpacingd, NoduleTabled
 
 __all__ = [
     "cpu_conv", "data", "detection", "flags", "handlers", "inferer", "network", "sampling", "transforms", "load_split", "inference_items",
     "NoduleEvaluationHandler", "NoduleTableWriter", "NoduleSlidingWindowInferer", "DeepSupervisionAttentionUnet",
-    "CheckSized", "CheckSpacingd", "HardNegativeIndicesd", "NoduleTabled",
+    "CheckSized", "CheckSpacingd", "HardNegativeIndicesd", "NoduleTabled", "attached_scan_sampler",
 ]

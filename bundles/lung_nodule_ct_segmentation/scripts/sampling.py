@@ -6,6 +6,13 @@ false positives of a nodule segmenter are almost all inside the lungs (vessels, 
 airway walls, fissures, pleura). :class:`HardNegativeIndicesd` draws a configurable share of the
 negative centres from dense voxels inside the (slightly dilated) lung mask and the rest from the
 other dense voxels, and caps the stored index lists so a cached data set stays small.
+
+Positive centres are every nodule voxel by default, so a 30 mm nodule gets about 1000 times the
+patches of a 3 mm one and nodules in a rare setting are rarely seen. Optionally each nodule (a
+connected component of the label) gets the same number of centres (``positive_balance="nodule"``),
+and nodules that touch soft tissue (the mean of a thin shell around them above ``attached_threshold``:
+juxtapleural, juxtavascular, in a fissure) get ``attached_weight`` times as many: these are the
+nodules a detector misses, and they are a small share of any training set.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from scipy import ndimage
 
 from .transforms import source_name, to_numpy, voxel_spacing
 
-__all__ = ["HardNegativeIndicesd", "negative_indices"]
+__all__ = ["HardNegativeIndicesd", "attached_scan_sampler", "require_unweighted_scans", "negative_indices", "positive_indices", "shell_means"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +74,61 @@ def negative_indices(
     return np.concatenate([a, b]), n_lung, n_other
 
 
+def shell_means(components: np.ndarray, n: int, image: np.ndarray, spacing, shell_mm: float) -> np.ndarray:
+    """Mean of ``image`` over the shell of each labelled component (``1..n``): voxels outside every
+    component within ``shell_mm`` of it, each shell voxel given to its nearest component.
+
+    Returns an array of length ``n`` (index k-1 for component k); NaN for a component with no shell.
+    """
+    if n == 0:
+        return np.zeros(0)
+    dist, nearest = ndimage.distance_transform_edt(components == 0, sampling=spacing, return_indices=True)
+    shell = (dist > 0) & (dist <= shell_mm)
+    owner = components[tuple(ix[shell] for ix in nearest)]
+    sums = np.bincount(owner, weights=image[shell].astype(np.float64), minlength=n + 1)[1:]
+    counts = np.bincount(owner, minlength=n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def positive_indices(
+    label: np.ndarray, image: np.ndarray, spacing, balance: str, per_nodule: int, attached_threshold: float | None,
+    attached_weight: float, shell_mm: float, rng: np.random.Generator,
+) -> tuple[np.ndarray, int, int]:  # fmt: skip
+    """Flat indices of positive patch centres, with per-nodule weights.
+
+    ``balance="voxel"``: every nodule voxel once (a nodule's share grows with its volume);
+    ``"nodule"``: ``per_nodule`` voxels of each nodule (drawn with replacement), the same share for
+    every nodule. A nodule whose shell mean (``shell_means``) exceeds ``attached_threshold`` gets
+    ``attached_weight`` times its share (voxel mode: its voxels repeated ``round(attached_weight)``
+    times). With ``attached_weight == 1`` in voxel mode this is ``np.flatnonzero(label)``.
+
+    Returns ``(indices, n_nodules, n_attached)``.
+    """
+    if balance not in ("voxel", "nodule"):
+        raise ValueError(f"positive_balance must be 'voxel' or 'nodule', got {balance!r}")
+    if balance == "voxel" and attached_weight == 1.0:
+        return np.flatnonzero(label), -1, -1  # nodules not counted: nothing depends on them
+    components, n = ndimage.label(label)
+    attached = np.zeros(n, dtype=bool)
+    if attached_threshold is not None and attached_weight != 1.0 and n:
+        means = shell_means(components, n, image, spacing, shell_mm)
+        attached = np.nan_to_num(means, nan=-np.inf) > attached_threshold
+    flat = components.ravel()
+    order = np.argsort(flat, kind="stable")
+    bounds = np.searchsorted(flat[order], np.arange(1, n + 2))
+    parts = []
+    for k in range(n):
+        voxels = order[bounds[k] : bounds[k + 1]]
+        w = attached_weight if attached[k] else 1.0
+        if balance == "voxel":
+            parts.append(np.tile(voxels, max(1, int(round(w)))))
+        else:
+            parts.append(rng.choice(voxels, max(1, int(round(per_nodule * w))), replace=True))
+    idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    return idx, n, int(attached.sum())
+
+
 class HardNegativeIndicesd(MapTransform):
     """Foreground and hard-negative centre indices for ``RandCropByPosNegLabeld``.
 
@@ -89,13 +151,22 @@ class HardNegativeIndicesd(MapTransform):
         max_indices: cap on the stored negative indices per scan (memory of a cached data set).
             Default 200000.
         seed: seed of the subsample. Default 0.
+        positive_balance: "voxel" (default: every nodule voxel is a positive centre) or "nodule"
+            (``per_nodule`` centres per nodule, whatever its size); see :func:`positive_indices`.
+        per_nodule: positive centres per nodule in "nodule" mode. Default 1000.
+        attached_threshold: a nodule whose surrounding shell has a mean image value above this
+            (same scale as ``image``; e.g. the window-scaled -600 HU) counts as attached to soft
+            tissue. None (default): no nodule is.
+        attached_weight: attached nodules get this many times the positive centres. Default 1.
+        shell_mm: shell thickness around a nodule for ``attached_threshold``. Default 3.
         allow_missing_keys: as MONAI. Default False.
     """
 
     def __init__(
         self, keys: KeysCollection, image_key: str = "image", lung_key: str = "lung", image_threshold: float = 0.0,
         lung_fraction: float = 0.75, lung_margin_mm: float = 5.0, max_indices: int = 200000, seed: int = 0,
-        allow_missing_keys: bool = False,
+        positive_balance: str = "voxel", per_nodule: int = 1000, attached_threshold: float | None = None,
+        attached_weight: float = 1.0, shell_mm: float = 3.0, allow_missing_keys: bool = False,
     ) -> None:  # fmt: skip
         super().__init__(keys, allow_missing_keys)
         if not 0.0 <= lung_fraction <= 1.0:
@@ -107,6 +178,17 @@ class HardNegativeIndicesd(MapTransform):
         self.lung_margin_mm = float(lung_margin_mm)
         self.max_indices = int(max_indices)
         self.seed = int(seed)
+        if positive_balance not in ("voxel", "nodule"):
+            raise ValueError(f"positive_balance must be 'voxel' or 'nodule', got {positive_balance!r}")
+        if attached_weight < 1.0 or per_nodule < 1 or shell_mm <= 0:
+            raise ValueError(
+                f"attached_weight must be >= 1, per_nodule >= 1 and shell_mm > 0; got {attached_weight}, {per_nodule}, {shell_mm}"
+            )
+        self.positive_balance = positive_balance
+        self.per_nodule = int(per_nodule)
+        self.attached_threshold = None if attached_threshold is None else float(attached_threshold)
+        self.attached_weight = float(attached_weight)
+        self.shell_mm = float(shell_mm)
 
     def _lung(self, d: Mapping, shape: tuple) -> np.ndarray | None:
         lung = d.get(self.lung_key)
@@ -132,13 +214,61 @@ class HardNegativeIndicesd(MapTransform):
         image = to_numpy(d[self.image_key])[0]
         for key in self.key_iterator(d):
             label = to_numpy(d[key]).reshape((-1,) + image.shape).any(axis=0)
-            fg = np.flatnonzero(label)
+            rng = np.random.default_rng(self.seed)
+            fg, n_nod, n_att = positive_indices(
+                label, image, voxel_spacing(d[self.image_key]), self.positive_balance, self.per_nodule,
+                self.attached_threshold, self.attached_weight, self.shell_mm, rng,
+            )  # fmt: skip
+            if n_att > 0:
+                logger.info("%s: %d of %d nodules touch soft tissue, weighted x%g", source_name(d, self.image_key), n_att, n_nod, self.attached_weight)
             dense = (image > self.image_threshold) & ~label
             lung = self._lung(d, image.shape)
             if lung is None:
                 logger.info("%s: no lung mask (or an empty one); negative patches from all dense voxels", source_name(d, self.image_key))
-            rng = np.random.default_rng(self.seed)
             bg, _, _ = negative_indices(dense, lung, self.lung_fraction, self.max_indices, rng)
             d[f"{key}_fg_indices"] = fg
+            d[f"{key}_n_attached"] = max(n_att, 0)
             d[f"{key}_bg_indices"] = bg
         return d
+
+
+def attached_scan_sampler(dataset, weight: float, key: str = "label_n_attached"):
+    """A sampler that draws the scans holding an attached nodule ``weight`` times as often, or None.
+
+    Within a scan, ``attached_weight`` only moves positive centres between its nodules; a scan is
+    still drawn once per epoch. With 3-5 % of nodules attached to soft tissue in a training set,
+    their scans need to be drawn more often as well. ``dataset`` is a fully cached ``CacheDataset``
+    whose items went through :class:`HardNegativeIndicesd` (which writes ``<label>_n_attached``);
+    ``len(dataset)`` scans are drawn per epoch, with replacement. ``weight == 1``: None (the data
+    loader shuffles as usual).
+    """
+    import torch
+    from torch.utils.data import WeightedRandomSampler
+
+    weight = float(weight)
+    if weight == 1.0:
+        return None
+    if weight < 1.0:
+        raise ValueError(f"attached_scan_weight must be >= 1, got {weight}")
+    cache = getattr(dataset, "_cache", None)
+    if cache is None or len(cache) != len(dataset) or any(item is None for item in cache):
+        raise ValueError("attached_scan_weight > 1 needs the whole training set cached (cache_rate 1.0, a CacheDataset)")
+    counts = []
+    for item in cache:
+        if key not in item:
+            raise ValueError(f"attached_scan_weight > 1: the cached items have no {key!r} (HardNegativeIndicesd writes it)")
+        counts.append(int(item[key]))
+    n = sum(c > 0 for c in counts)
+    logger.info("attached_scan_weight %g: %d of %d training scans hold a nodule touching soft tissue", weight, n, len(counts))
+    weights = torch.tensor([weight if c > 0 else 1.0 for c in counts], dtype=torch.double)
+    return WeightedRandomSampler(weights, num_samples=len(counts), replacement=True)
+
+
+def require_unweighted_scans(weight: float) -> None:
+    """multi_gpu_train.json draws scans with ``DistributedSampler``: refuse ``attached_scan_weight`` there
+    rather than ignore it."""
+    if float(weight) != 1.0:
+        raise ValueError(
+            f"attached_scan_weight {weight}: weighted scan sampling is single-process only (multi_gpu_train.json "
+            "draws scans with DistributedSampler); leave it at 1 there (attached_weight still applies)"
+        )
