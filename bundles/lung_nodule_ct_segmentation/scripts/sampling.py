@@ -78,17 +78,22 @@ def shell_means(components: np.ndarray, n: int, image: np.ndarray, spacing, shel
     """Mean of ``image`` over the shell of each labelled component (``1..n``): voxels outside every
     component within ``shell_mm`` of it, each shell voxel given to its nearest component.
 
-    Returns an array of length ``n`` (index k-1 for component k); NaN for a component with no shell.
+    Each component is measured in its own bounding box grown by the shell, so the cost follows the
+    nodules, not the scan. Returns an array of length ``n`` (index k-1 for component k); NaN for a
+    component with no shell.
     """
-    if n == 0:
-        return np.zeros(0)
-    dist, nearest = ndimage.distance_transform_edt(components == 0, sampling=spacing, return_indices=True)
-    shell = (dist > 0) & (dist <= shell_mm)
-    owner = components[tuple(ix[shell] for ix in nearest)]
-    sums = np.bincount(owner, weights=image[shell].astype(np.float64), minlength=n + 1)[1:]
-    counts = np.bincount(owner, minlength=n + 1)[1:]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    means = np.full(n, np.nan)
+    pad = [int(np.ceil(shell_mm / sp)) + 1 for sp in spacing]
+    for k, box in enumerate(ndimage.find_objects(components, max_label=n), start=1):
+        if box is None:
+            continue
+        box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
+        comp = components[box]
+        dist, nearest = ndimage.distance_transform_edt(comp == 0, sampling=spacing, return_indices=True)
+        shell = (dist > 0) & (dist <= shell_mm) & (comp[tuple(nearest)] == k)
+        if shell.any():
+            means[k - 1] = float(image[box][shell].mean(dtype=np.float64))
+    return means
 
 
 def positive_indices(
