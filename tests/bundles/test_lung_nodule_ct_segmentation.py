@@ -345,6 +345,18 @@ def test_scans_with_attached_nodules_drawn_more_often():
             scripts.attached_scan_sampler(uncached, 6.0)
         with pytest.raises(ValueError, match="single-process only"):
             scripts.sampling.require_unweighted_scans(2)
+        # the scan weight alone (attached_weight left at 1) still finds the attached scan
+        t1 = scripts.HardNegativeIndicesd("label", image_threshold=0.3, attached_threshold=0.3)
+        assert [int(t1(it)["label_n_attached"]) for it in items] == [1, 0, 0, 0]
+        # train.json measures shells only when one of the two weights asks for it
+        from monai.bundle import ConfigParser
+
+        for weights, measured in [((1, 1), False), ((1, 5), True), ((3, 1), True)]:
+            parser = ConfigParser()
+            parser.read_config(str(BUNDLE / "configs" / "train.json"))
+            parser["attached_weight"], parser["attached_scan_weight"] = weights
+            hn = next(t for t in parser.get_parsed_content("train#deterministic_transforms") if isinstance(t, scripts.HardNegativeIndicesd))
+            assert (hn.attached_threshold is not None) is measured, weights
 
 
 def _foreground_auc(ckpt: Path | None, image: Path, label: Path) -> float:

@@ -106,19 +106,20 @@ def positive_indices(
     ``"nodule"``: ``per_nodule`` voxels of each nodule (drawn with replacement), the same share for
     every nodule. A nodule whose shell mean (``shell_means``) exceeds ``attached_threshold`` gets
     ``attached_weight`` times its share (voxel mode: its voxels repeated ``round(attached_weight)``
-    times). With ``attached_weight == 1`` in voxel mode this is ``np.flatnonzero(label)``.
+    times). Without ``attached_threshold`` in voxel mode this is ``np.flatnonzero(label)``.
 
-    Returns ``(indices, n_nodules, n_attached)``.
+    Returns ``(indices, n_attached)``: the attached nodules are counted whenever
+    ``attached_threshold`` is given, whatever ``attached_weight`` (``attached_scan_sampler`` uses
+    the count).
     """
     if balance not in ("voxel", "nodule"):
         raise ValueError(f"positive_balance must be 'voxel' or 'nodule', got {balance!r}")
-    if balance == "voxel" and attached_weight == 1.0:
-        return np.flatnonzero(label), -1, -1  # nodules not counted: nothing depends on them
+    if balance == "voxel" and attached_threshold is None:
+        return np.flatnonzero(label), 0
     components, n = ndimage.label(label)
     attached = np.zeros(n, dtype=bool)
-    if attached_threshold is not None and attached_weight != 1.0 and n:
-        means = shell_means(components, n, image, spacing, shell_mm)
-        attached = np.nan_to_num(means, nan=-np.inf) > attached_threshold
+    if attached_threshold is not None and n:
+        attached = np.nan_to_num(shell_means(components, n, image, spacing, shell_mm), nan=-np.inf) > attached_threshold
     flat = components.ravel()
     order = np.argsort(flat, kind="stable")
     bounds = np.searchsorted(flat[order], np.arange(1, n + 2))
@@ -131,7 +132,7 @@ def positive_indices(
         else:
             parts.append(rng.choice(voxels, max(1, int(round(per_nodule * w))), replace=True))
     idx = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    return idx, n, int(attached.sum())
+    return idx, int(attached.sum())
 
 
 class HardNegativeIndicesd(MapTransform):
@@ -161,7 +162,7 @@ class HardNegativeIndicesd(MapTransform):
         per_nodule: positive centres per nodule in "nodule" mode. Default 1000.
         attached_threshold: a nodule whose surrounding shell has a mean image value above this
             (same scale as ``image``; e.g. the window-scaled -600 HU) counts as attached to soft
-            tissue. None (default): no nodule is.
+            tissue. None (default): no nodule is, and no shell is measured.
         attached_weight: attached nodules get this many times the positive centres. Default 1.
         shell_mm: shell thickness around a nodule for ``attached_threshold``. Default 3.
         allow_missing_keys: as MONAI. Default False.
@@ -220,19 +221,19 @@ class HardNegativeIndicesd(MapTransform):
         for key in self.key_iterator(d):
             label = to_numpy(d[key]).reshape((-1,) + image.shape).any(axis=0)
             rng = np.random.default_rng(self.seed)
-            fg, n_nod, n_att = positive_indices(
+            fg, n_att = positive_indices(
                 label, image, voxel_spacing(d[self.image_key]), self.positive_balance, self.per_nodule,
                 self.attached_threshold, self.attached_weight, self.shell_mm, rng,
             )  # fmt: skip
             if n_att > 0:
-                logger.info("%s: %d of %d nodules touch soft tissue, weighted x%g", source_name(d, self.image_key), n_att, n_nod, self.attached_weight)
+                logger.info("%s: %d nodule(s) touch soft tissue, weighted x%g", source_name(d, self.image_key), n_att, self.attached_weight)
             dense = (image > self.image_threshold) & ~label
             lung = self._lung(d, image.shape)
             if lung is None:
                 logger.info("%s: no lung mask (or an empty one); negative patches from all dense voxels", source_name(d, self.image_key))
             bg, _, _ = negative_indices(dense, lung, self.lung_fraction, self.max_indices, rng)
             d[f"{key}_fg_indices"] = fg
-            d[f"{key}_n_attached"] = max(n_att, 0)
+            d[f"{key}_n_attached"] = n_att
             d[f"{key}_bg_indices"] = bg
         return d
 
