@@ -9,9 +9,12 @@ configuration runs in a fresh child process (peak memory = the child's max RSS),
   ``SlidingWindowInferer(roi_size=<training patch>, sw_batch_size=1, overlap=0.25, mode="constant")``
   over the whole volume and a sigmoid (no post-processing, nothing saved);
 * ``ours``: ``configs/inference.json`` end to end: the same preprocessing plus the body crop,
-  ``NoduleSlidingWindowInferer`` (96^3 window, Gaussian blending, overlap 0.25, sw_batch_size 2),
+  ``NoduleSlidingWindowInferer`` (96^3 window, Gaussian blending, overlap 0.25, sw_batch_size 2, passes
+  at 1x and 2x the voxel size),
   threshold, small-component removal, hole filling, nodule table, inversion to the input grid and
   the saved mask;
+* ``ours_single_scale``: the same with one pass at the scan's own voxel size (``infer_scales`` [1.0];
+  the default adds a pass at 2x the voxel size for large nodules);
 * ``ours_tta``: the same with flip test-time augmentation (``--tta-axes``, default the two in-plane
   axes: 4 passes).
 
@@ -70,6 +73,8 @@ if mode == "baseline":
 else:
     p["input_path"] = scan
     p["tta"] = mode == "ours_tta"
+    if mode == "ours_single_scale":
+        p["infer_scales"] = [1.0]
     p["tta_flip_axes"] = tta_axes
     evaluator = p.get_parsed_content("evaluator")
     t0 = time.perf_counter()
@@ -122,7 +127,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2, help="torch threads in each child")
     ap.add_argument("--tta-axes", type=int, nargs="+", default=[0, 1], help="flip axes of the TTA run")
-    ap.add_argument("--modes", nargs="+", default=["ours", "baseline", "ours_tta"])
+    ap.add_argument("--modes", nargs="+", default=["ours", "baseline", "ours_single_scale", "ours_tta"])
     ap.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda, cuda:1)")
     ap.add_argument("--json", default=None, help="also write the runs here")
     args = ap.parse_args()

@@ -233,6 +233,66 @@ def test_tta_flag_from_the_command_line_means_what_it_says():
         assert "flip_tta (the config's tta): expected true or false, got 'ture'" in str(err.value.__cause__)
 
 
+def test_second_scale_finds_a_mass_the_first_sees_only_as_a_rim():
+    """A detector tuned to small blobs (as patch training makes it) sees a large mass only at its rim; the 2x pass fills it."""
+    import torch.nn.functional as F
+
+    class SmallBlobDetector(torch.nn.Module):  # white top-hat over a 15-voxel box: positive on blobs narrower than the box
+        def forward(self, x):
+            local = F.avg_pool3d(x, 15, stride=1, padding=7, count_include_pad=False)
+            return 10.0 * (x - local - 0.25)
+
+    vol = torch.zeros(1, 1, 64, 64, 48)
+    vol[..., 8:14, 8:14, 8:14] = 1.0  # 6-voxel nodule
+    vol[..., 30:54, 30:54, 12:36] = 1.0  # 24-voxel mass
+    small, large = vol.clone(), vol.clone()
+    small[..., 30:54, 30:54, 12:36] = 0
+    large[..., 8:14, 8:14, 8:14] = 0
+    with bundle_scripts(BUNDLE) as scripts:
+        one = scripts.NoduleSlidingWindowInferer(roi_size=[64, 64, 48], scales=[1.0])(vol, SmallBlobDetector())
+        two = scripts.NoduleSlidingWindowInferer(roi_size=[64, 64, 48], scales=[1.0, 2.0])(vol, SmallBlobDetector())
+        with pytest.raises(ValueError, match="scales must be voxel-size factors >= 1.0"):
+            scripts.NoduleSlidingWindowInferer(roi_size=32, scales=[0.5])
+        parser = __import__("monai.bundle", fromlist=["ConfigParser"]).ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+        assert parser.get_parsed_content("inferer").scales == (1.0, 2.0)  # the shipped default
+    assert one.shape == two.shape == vol.shape
+    mass, nodule = large[0, 0] > 0, small[0, 0] > 0
+    far = torch.zeros_like(mass)
+    far[:, :, 42:] = True  # 6+ voxels from both objects
+    far[30:54, 30:54] = False
+    found_one, found_two = (one[0, 0] > 0), (two[0, 0] > 0)
+    core = torch.zeros_like(mass)
+    core[36:48, 36:48, 18:30] = True  # the mass's inner 12^3
+    assert not found_one[core].any()  # one pass finds only the rim
+    assert found_two[core].all() and found_two[mass].float().mean() > 0.95  # the 2x pass fills the mass
+    assert found_one[nodule].all() and found_two[nodule].all()  # the small nodule is kept
+    assert not found_two[far].any()  # the coarse pass adds nothing far from the objects
+
+
+def test_coarse_pass_windows_are_shrunk_without_adding_windows():
+    """A coarse pass's window is cut to the smallest multiple of 8 that MONAI still tiles with as many windows; the 1 mm pass keeps its window."""
+    from monai.data.utils import dense_patch_slices
+    from monai.inferers.utils import _get_scan_interval
+
+    def monai_windows(shape, roi, overlap=0.25):
+        return len(dense_patch_slices(shape, roi, _get_scan_interval(shape, roi, len(shape), (overlap,) * len(shape))))
+
+    with bundle_scripts(BUNDLE) as scripts:
+        inf = scripts.NoduleSlidingWindowInferer(roi_size=[96, 96, 96], overlap=0.25)
+        for shape in [(158, 115, 150), (315, 230, 300), (40, 200, 97)]:
+            inf._fit_roi(shape)
+            full = list(inf.roi_size)
+            inf._fit_roi(shape, tight=True)
+            tight = list(inf.roi_size)
+            assert full == [min(96, -(-s // 8) * 8) for s in shape]
+            assert all(t <= f and t % 8 == 0 for t, f in zip(tight, full))
+            assert monai_windows(shape, tight) == monai_windows(shape, full)
+            assert all(monai_windows(shape, [*tight[:i], tight[i] - 8, *tight[i + 1:]]) > monai_windows(shape, full) for i in range(3) if tight[i] > 8)
+        inf._fit_roi((158, 115, 150), tight=True)
+        assert inf.roi_size == [96, 72, 88]  # 2 windows per axis either way, 31 % fewer voxels per window
+
+
 def test_nodule_table_in_world_lps_mm():
     """The nodule table gives each component's centre in world LPS mm, volume in mm^3 and mean probability."""
     with bundle_scripts(BUNDLE) as scripts:
