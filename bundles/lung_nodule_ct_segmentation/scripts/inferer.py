@@ -24,13 +24,15 @@ def _windows(size: int, roi: int, overlap: float) -> int:
 
 
 class NoduleSlidingWindowInferer(SlidingWindowInferer):
-    """``SlidingWindowInferer`` that shrinks the window to thin scans and can average flipped passes.
+    """``SlidingWindowInferer`` that shrinks the window to thin scans, combines scales and can average flipped passes.
 
     The network is fully convolutional, so the window may be larger than the training patch (fewer
     overlaps on a whole chest) and, along an axis where the scan is shorter than the window, is cut
     to the scan's size rounded up to ``size_divisible`` (``SlidingWindowInferer`` would pad a 20-slice
-    scan to the window's full depth and compute on air). Along each axis the window is then made as
-    small as it can be without adding windows there, so the overlap is no larger than needed.
+    scan to the window's full depth and compute on air). In a coarse pass (a scale above 1) the
+    window is then made, along each axis, as small as it can be without adding windows there; the
+    1 mm pass keeps the full window, because the network's output depends on how much context its
+    window gives (measured: shrinking it there moved single nodules by up to 0.4 Dice).
 
     Args:
         roi_size: the largest window ``(H, W, D)``.
