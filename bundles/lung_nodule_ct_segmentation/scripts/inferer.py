@@ -73,10 +73,11 @@ class NoduleSlidingWindowInferer(SlidingWindowInferer):
         fitted = []
         for r, s, o in zip(roi, shape, overlap):
             r = min(int(r), -(-int(s) // div) * div)
-            # the same number of windows along this axis can often be smaller ones (a 315-voxel axis
-            # takes five 96-voxel windows at overlap 0.25, or five of 80): less computation, same cover
-            need = _windows(s, r, o)
-            fitted.append(next(c for c in range(div, r + 1, div) if _windows(s, c, o) <= need) if tight else r)
+            if tight:  # the same number of windows along this axis can often be smaller ones (a 315-voxel
+                # axis takes five 96-voxel windows at overlap 0.25, or five of 80): less work, same cover
+                need = _windows(s, r, o)
+                r = next(c for c in range(div, r + 1, div) if _windows(s, c, o) <= need)
+            fitted.append(r)
         self.roi_size = fitted
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
