@@ -236,6 +236,7 @@ def test_tta_flag_from_the_command_line_means_what_it_says():
 def test_second_scale_finds_a_mass_the_first_sees_only_as_a_rim():
     """A detector tuned to small blobs (as patch training makes it) sees a large mass only at its rim; the 2x pass fills it."""
     import torch.nn.functional as F
+    from monai.bundle import ConfigParser
 
     class SmallBlobDetector(torch.nn.Module):  # white top-hat over a 15-voxel box: positive on blobs narrower than the box
         def forward(self, x):
@@ -253,7 +254,7 @@ def test_second_scale_finds_a_mass_the_first_sees_only_as_a_rim():
         two = scripts.NoduleSlidingWindowInferer(roi_size=[64, 64, 48], scales=[1.0, 2.0])(vol, SmallBlobDetector())
         with pytest.raises(ValueError, match="scales must be voxel-size factors >= 1.0"):
             scripts.NoduleSlidingWindowInferer(roi_size=32, scales=[0.5])
-        parser = __import__("monai.bundle", fromlist=["ConfigParser"]).ConfigParser()
+        parser = ConfigParser()
         parser.read_config(str(BUNDLE / "configs" / "inference.json"))
         assert parser.get_parsed_content("inferer").scales == (1.0, 2.0)  # the shipped default
     assert one.shape == two.shape == vol.shape
