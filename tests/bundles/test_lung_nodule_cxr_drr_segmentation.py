@@ -260,6 +260,22 @@ def test_loss_prefers_the_right_mask_and_allows_empty_masks():
         assert loss(only_att, target) < 0.05
 
 
+def test_loss_of_half_precision_logits_is_computed_in_float32():
+    """Under AMP the network hands float16 logits to the loss: it must give the float32 value and a float32 gradient, not fail or round."""
+    with bundle_scripts(BUNDLE) as scripts:
+        loss = scripts.losses.FusionSegLoss()
+        g = torch.Generator().manual_seed(0)
+        target = (torch.rand(4, 1, 64, 64, generator=g) > 0.97).float()
+        logits = (torch.randn(4, 5, 64, 64, generator=g) * 3 - 4).half()
+        half_in = logits.clone().requires_grad_(True)
+        value = loss(half_in, target)
+        value.backward()
+        reference = loss(logits.float(), target)
+        assert value.dtype == torch.float32 and torch.isfinite(value)
+        assert torch.allclose(value, reference, rtol=1e-6, atol=1e-6)
+        assert half_in.grad is not None and torch.isfinite(half_in.grad.float()).all() and half_in.grad.abs().sum() > 0
+
+
 def test_phases_handler_freezes_groups_and_switches_loss_weights():
     """The phase handler freezes / unfreezes parameter groups at the configured epochs (lr 0 for frozen groups) and sets the loss weights."""
     from ignite.engine import Engine, Events

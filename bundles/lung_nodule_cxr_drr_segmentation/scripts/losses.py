@@ -62,7 +62,7 @@ class FusionSegLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``pred`` (B, 1 + S, H, W) logits (channel 0 mask, 1.. attention) against ``target`` (B, 1, H, W) in {0, 1}."""
-        target = target.float()
+        pred, target = pred.float(), target.float()  # under AMP the logits arrive in float16: sums and powers in float32
         seg = pred[:, 0:1]
         zero = pred.new_zeros(())
         total = zero
