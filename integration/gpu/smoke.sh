@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU smoke run of every bundle: train (AMP on, because CUDA is there), evaluate, infer, export to
+# GPU smoke run of every bundle: train (AMP on: three bundles default to it on CUDA and the cxr step
+# asks for it with --amp true, so the AMP path still runs), evaluate, infer, export to
 # TorchScript, and one single-process torchrun epoch through configs/multi_gpu_train.json (NCCL).
 # CI has no GPU; this is run by hand on a CUDA machine. It needs MONAI, nibabel, pytorch-ignite and
 # fire next to a CUDA torch (pip install -e . does it) and the prepared demo data (make demo, or the
@@ -60,7 +61,7 @@ step ln_torchrun $LN ddp --config_file "['configs/train.json','configs/multi_gpu
 
 CX=lung_nodule_cxr_drr_segmentation
 W="$OUT/$CX"
-step cxr_train $CX run --config_file configs/train.json --dataset_dir "$DATA/drr" --image_size 128 --max_epochs 2 --val_interval 1 \
+step cxr_train $CX run --config_file configs/train.json --dataset_dir "$DATA/drr" --image_size 128 --max_epochs 2 --val_interval 1 --amp true \
     --ckpt_dir "$W/models" --output_dir "$W/train"
 step cxr_evaluate $CX run --config_file "['configs/train.json','configs/evaluate.json']" --dataset_dir "$DATA/drr" --val_fold 0 \
     --output_dir "$W/eval"
