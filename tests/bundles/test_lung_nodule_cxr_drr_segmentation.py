@@ -261,7 +261,7 @@ def test_loss_prefers_the_right_mask_and_allows_empty_masks():
 
 
 def test_loss_of_half_precision_logits_is_computed_in_float32():
-    """Under AMP the network hands float16 logits to the loss: it must give the float32 value and a float32 gradient, not fail or round."""
+    """Under AMP the network hands float16 logits to the loss: it must give the float32 value and a finite gradient, not fail or round."""
     with bundle_scripts(BUNDLE) as scripts:
         loss = scripts.losses.FusionSegLoss()
         g = torch.Generator().manual_seed(0)
