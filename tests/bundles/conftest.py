@@ -53,6 +53,41 @@ def run_bundle(bundle: str | Path, config_files: list[str], *, timeout: int = 60
     return proc
 
 
+def ddp_release_probe(bundle: str | Path, tmp_path: Path) -> str:
+    """Write a config that makes each torchrun rank report when its DistributedDataParallel wrapper is freed.
+
+    Put it after ``multi_gpu_train.json`` in ``--config_file`` and run torchrun with ``--tee 3``; then
+    :func:`assert_ddp_released_before_exit` checks the output. It keeps the bundle's own ``finalize``
+    steps and adds two probes before them: an exit hook registered first (so it runs last) that prints
+    ``PROBE_EXIT``, and a weak-reference callback that prints ``PROBE_DDP_FREED`` when the wrapper is
+    garbage-collected. A wrapper still alive when the interpreter shuts down keeps gloo's process group
+    alive into C++ teardown, where it aborts the process now and then (``terminate called without an
+    active exception``, exit -6) after a training that had finished and saved its checkpoint.
+    """
+    folder = Path(bundle) if Path(bundle).is_absolute() else BUNDLES / bundle
+    own = json.loads((folder / "configs" / "multi_gpu_train.json").read_text())["finalize"]
+    probe = {
+        "probe_atexit": "$__import__('atexit')",
+        "probe_weakref": "$__import__('weakref')",
+        "finalize": [
+            "$@probe_atexit.register(print, 'PROBE_EXIT', flush=True)",
+            "$setattr(@probe_weakref.finalize(@network, print, 'PROBE_DDP_FREED', flush=True), 'atexit', False)",
+            *own,
+        ],
+    }
+    path = tmp_path / "ddp_release_probe.json"
+    path.write_text(json.dumps(probe))
+    return str(path)
+
+
+def assert_ddp_released_before_exit(stdout: str, world_size: int = 2) -> None:
+    """Each rank freed its DDP wrapper (and so its process group) before its last exit hook ran."""
+    for rank in range(world_size):
+        lines = [ln.split(":", 1)[1].strip() for ln in stdout.splitlines() if ln.startswith(f"[default{rank}]:")]
+        probes = [ln for ln in lines if ln in ("PROBE_DDP_FREED", "PROBE_EXIT")]
+        assert probes == ["PROBE_DDP_FREED", "PROBE_EXIT"], f"rank {rank}: {probes} (the DDP wrapper outlived the interpreter's exit hooks)"
+
+
 @contextlib.contextmanager
 def bundle_scripts(bundle: str | Path):
     """Import a bundle's ``scripts`` package in this process (each bundle has its own ``scripts``)."""

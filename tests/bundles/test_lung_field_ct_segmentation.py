@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles.conftest import BUNDLES, bundle_scripts, run_bundle
+from tests.bundles.conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, ddp_release_probe, run_bundle
 
 BUNDLE = BUNDLES / "lung_field_ct_segmentation"
 # Tiny settings for the tests' training runs: 4 mm pixels, 96 x 96 slices, few slices per volume.
@@ -322,10 +322,12 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_cpu(lidc_demo_prepared, tmp_path):
-    """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo) to a checkpoint."""
+    """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo) to a checkpoint,
+    and each rank frees its DDP wrapper before the interpreter shuts down."""
+    configs = [str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "multi_gpu_train.json"), ddp_release_probe(BUNDLE, tmp_path)]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531", "-m", "monai.bundle", "run",
-        "--config_file", json.dumps([str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "multi_gpu_train.json")]),
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--tee=3", "--master_port=29531", "-m", "monai.bundle", "run",
+        "--config_file", json.dumps(configs),
         "--dataset_dir", str(lidc_demo_prepared), "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"),
         "--train#trainer#max_epochs", "1", "--val_interval", "1",
     ]
@@ -335,3 +337,4 @@ def test_torchrun_two_processes_cpu(lidc_demo_prepared, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     sd = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd)  # the DDP wrapper is not in the checkpoint
+    assert_ddp_released_before_exit(proc.stdout)

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from .conftest import BUNDLES, bundle_scripts, run_bundle
+from .conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, ddp_release_probe, run_bundle
 
 BUNDLE = BUNDLES / "lung_nodule_ct_segmentation"
 # Small enough for CPU tests: 32^3 patches, one scan per step, tiny epochs.
@@ -560,10 +560,11 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_cpu(tiny_luna, tmp_path):
-    """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo, DistributedSampler) to a checkpoint."""
+    """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo, DistributedSampler) to a checkpoint,
+    and each rank frees its DDP wrapper before the interpreter shuts down."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    files = json.dumps([str(BUNDLE / "configs/train.json"), str(BUNDLE / "configs/multi_gpu_train.json")])
-    cmd = [str(torchrun), "--nproc_per_node=2", "-m", "monai.bundle", "run", "--config_file", files, "--dataset_dir", str(tiny_luna),
+    files = json.dumps([str(BUNDLE / "configs/train.json"), str(BUNDLE / "configs/multi_gpu_train.json"), ddp_release_probe(BUNDLE, tmp_path)])
+    cmd = [str(torchrun), "--nproc_per_node=2", "--tee=3", "--master_port=29547", "-m", "monai.bundle", "run", "--config_file", files, "--dataset_dir", str(tiny_luna),
            "--epochs", "1", "--val_interval", "1", "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]  # fmt: skip
     for key, value in FAST.items():
         cmd += [f"--{key}", json.dumps(value)]
@@ -571,3 +572,4 @@ def test_torchrun_two_processes_cpu(tiny_luna, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     sd = torch.load(tmp_path / "models/model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd) and "deep_supervision_heads.0.weight" in sd
+    assert_ddp_released_before_exit(proc.stdout)

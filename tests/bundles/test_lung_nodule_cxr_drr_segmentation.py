@@ -22,7 +22,7 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from tests.bundles.conftest import BUNDLES, bundle_scripts, run_bundle
+from tests.bundles.conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, ddp_release_probe, run_bundle
 
 NAME = "lung_nodule_cxr_drr_segmentation"
 BUNDLE = BUNDLES / NAME
@@ -609,9 +609,10 @@ def test_bundle_folder_alone_loads_with_configparser_and_torchscript(trained, tm
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_one_epoch_to_a_checkpoint(trained, tmp_path):
-    """torchrun --nproc_per_node=2 with train.json + multi_gpu_train.json (gloo on CPU, DistributedSampler) trains one epoch to a checkpoint."""
-    configs = json.dumps([str(BUNDLE / "configs" / c) for c in ("train.json", "multi_gpu_train.json")])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "monai.bundle", "run",
+    """torchrun --nproc_per_node=2 with train.json + multi_gpu_train.json (gloo on CPU, DistributedSampler) trains one epoch to a checkpoint,
+    and each rank frees its DDP wrapper before the interpreter shuts down."""
+    configs = json.dumps([str(BUNDLE / "configs" / c) for c in ("train.json", "multi_gpu_train.json")] + [ddp_release_probe(BUNDLE, tmp_path)])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee=3", "-m", "monai.bundle", "run",
            "--config_file", configs, "--dataset_dir", str(trained["train_set"]), "--ckpt_dir", str(tmp_path / "ckpt"),
            "--output_dir", str(tmp_path / "out"), "--max_epochs", "1", "--val_interval", "1", "--image_size", str(SIZE),
            "--num_workers", "0", "--batch_size", "2"]
@@ -620,3 +621,4 @@ def test_torchrun_two_processes_train_one_epoch_to_a_checkpoint(trained, tmp_pat
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     sd = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert "backbone.conv1.weight" in sd and not any(k.startswith("module.") for k in sd)  # plain state dict, DDP unwrapped
+    assert_ddp_released_before_exit(proc.stdout)

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.bundles.conftest import BUNDLES, bundle_scripts, run_bundle
+from tests.bundles.conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, ddp_release_probe, run_bundle
 
 BUNDLE = BUNDLES / "lung_pggn_ct_classification"
 TABULAR = ["configs/train.json", "configs/tabular.json"]
@@ -243,12 +243,14 @@ def test_bundle_alone_loads_and_exports(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_train_a_checkpoint(data, tmp_path):
-    """torchrun with 2 CPU processes (gloo, DistributedSampler) trains the tabular variant one epoch to a checkpoint."""
-    files = [str(BUNDLE / f) for f in [*TABULAR, "configs/multi_gpu_train.json"]]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29563", "-m", "monai.bundle", "run",
+    """torchrun with 2 CPU processes (gloo, DistributedSampler) trains the tabular variant one epoch to a checkpoint,
+    and each rank frees its DDP wrapper before the interpreter shuts down."""
+    files = [str(BUNDLE / f) for f in [*TABULAR, "configs/multi_gpu_train.json"]] + [ddp_release_probe(BUNDLE, tmp_path)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--tee=3", "--master_port=29563", "-m", "monai.bundle", "run",
            "--config_file", json.dumps(files), "--dataset_dir", str(data["table"]), "--ckpt_dir", str(tmp_path / "ckpt"),
            "--output_dir", str(tmp_path / "out"), "--train#trainer#max_epochs", "1"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     state = torch.load(tmp_path / "ckpt/model_tabular.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state) and state["feature_mean"].shape == (len(FEATURES),)
+    assert_ddp_released_before_exit(proc.stdout)
