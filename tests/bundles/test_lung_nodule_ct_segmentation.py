@@ -309,6 +309,51 @@ def test_nodule_table_in_world_lps_mm():
     assert row["equivalent_diameter_mm"] == pytest.approx((6 * 256 / np.pi) ** (1 / 3), abs=0.01)
 
 
+def test_nodule_table_rows_largest_first_with_each_components_own_statistics():
+    """Several components (one touching the volume's edge): rows largest first, each with its own voxel count, centre, mean and max probability."""
+    rng = np.random.default_rng(3)
+    mask = np.zeros((40, 30, 20), np.float32)
+    prob = rng.uniform(0.0, 0.4, size=mask.shape).astype(np.float32)  # background probability must not leak in
+    boxes = {"small": (slice(2, 4), slice(3, 5), slice(0, 2)), "large": (slice(20, 26), slice(10, 15), slice(8, 12)), "edge": (slice(37, 40), slice(27, 30), slice(17, 20))}
+    for box in boxes.values():
+        mask[box] = 1
+        prob[box] = rng.uniform(0.5, 1.0, size=prob[box].shape)
+    with bundle_scripts(BUNDLE) as scripts:
+        rows = scripts.NoduleTabled("pred", prob_key="prob")({"pred": _meta_tensor(mask), "prob": _meta_tensor(prob)})["nodules"]
+    assert [r["volume_mm3"] for r in rows] == [120.0, 27.0, 8.0] and [r["nodule"] for r in rows] == [1, 2, 3]
+    for row, name in zip(rows, ["large", "edge", "small"]):
+        box = boxes[name]
+        centre = [(sl.start + sl.stop - 1) / 2 for sl in box]
+        assert (row["voxel_i"], row["voxel_j"], row["voxel_k"]) == pytest.approx(centre)
+        assert row["mean_probability"] == pytest.approx(float(prob[box].mean()), abs=1e-4)
+        assert row["max_probability"] == pytest.approx(float(prob[box].max()), abs=1e-4)
+
+
+def test_post_processing_in_the_foreground_box_equals_the_whole_volume():
+    """RemoveSmallObjectsd + FillHolesd inside the foreground box give MONAI's whole-volume result (holes, specks, a border-touching blob, an empty mask)."""
+    from monai.transforms import Compose, FillHolesd, RemoveSmallObjectsd
+
+    def steps():
+        return [RemoveSmallObjectsd("pred", min_size=10.0, by_measure=True, connectivity=3), FillHolesd("pred")]
+
+    rng = np.random.default_rng(5)
+    mask = np.zeros((60, 50, 40), np.float32)
+    mask[10:20, 10:20, 10:20] = 1
+    mask[13:17, 13:17, 13:17] = 0  # an enclosed hole: filled
+    mask[30:36, 5:11, 0:6] = 1
+    mask[32:34, 7:9, 0:2] = 0  # a dent open to the volume's face: stays open
+    mask[50, 45, 35] = 1  # a 1-voxel speck at 0.8 x 0.8 x 1.5 mm: removed (< 10 mm^3)
+    mask[40:44, 30:34, 20:23] = rng.uniform(size=(4, 4, 3)) > 0.3  # a ragged blob
+    with bundle_scripts(BUNDLE) as scripts:
+        for m in (mask, np.zeros_like(mask)):
+            want = Compose(steps())({"pred": _meta_tensor(m, spacing=(0.8, 0.8, 1.5))})["pred"]
+            got = scripts.InForegroundBoxd("pred", transforms=steps())({"pred": _meta_tensor(m, spacing=(0.8, 0.8, 1.5))})["pred"]
+            assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
+    assert want.sum() == 0 and torch.as_tensor(got).sum() == 0  # the empty mask stayed empty
+    full = Compose(steps())({"pred": _meta_tensor(mask, spacing=(0.8, 0.8, 1.5))})["pred"]
+    assert full[0, 15, 15, 15] == 1 and full[0, 33, 8, 0] == 0 and full[0, 50, 45, 35] == 0  # the cases above do occur
+
+
 def test_hard_negatives_come_mostly_from_the_lungs():
     """Negative patch centres: the configured share inside the grown lung mask, none on a nodule, none in air."""
     with bundle_scripts(BUNDLE) as scripts:

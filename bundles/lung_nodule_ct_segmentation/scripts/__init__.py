@@ -9,10 +9,10 @@ from .handlers import NoduleEvaluationHandler, NoduleTableWriter
 from .inferer import NoduleSlidingWindowInferer
 from .network import DeepSupervisionAttentionUnet
 from .sampling import HardNegativeIndicesd, attached_scan_sampler
-from .transforms import CheckSized, CheckSpacingd, NoduleTabled
+from .transforms import CheckSized, CheckSpacingd, InForegroundBoxd, NoduleTabled
 
 __all__ = [
     "cpu_conv", "data", "detection", "flags", "handlers", "inferer", "network", "sampling", "transforms", "load_split", "inference_items",
     "NoduleEvaluationHandler", "NoduleTableWriter", "NoduleSlidingWindowInferer", "DeepSupervisionAttentionUnet",
-    "CheckSized", "CheckSpacingd", "HardNegativeIndicesd", "NoduleTabled", "attached_scan_sampler",
+    "CheckSized", "CheckSpacingd", "HardNegativeIndicesd", "InForegroundBoxd", "NoduleTabled", "attached_scan_sampler",
 ]

@@ -7,6 +7,8 @@
   refused, by a config switch, with the file named.
 * :class:`NoduleTabled`: the per-nodule table of a post-processed mask (centre in world LPS mm,
   volume, equivalent diameter, mean and max probability), stored in the data dictionary.
+* :class:`InForegroundBoxd`: run mask post-processing (MONAI's ``RemoveSmallObjectsd``,
+  ``FillHolesd``) on the bounding box of the mask's foreground only.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialPad
 from scipy import ndimage
 
-__all__ = ["CheckSpacingd", "CheckSized", "NoduleTabled", "source_name", "voxel_spacing", "voxel_to_world_lps"]
+__all__ = ["CheckSpacingd", "CheckSized", "InForegroundBoxd", "NoduleTabled", "source_name", "voxel_spacing", "voxel_to_world_lps"]
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +151,43 @@ class CheckSized(MapTransform):
         return d
 
 
+class InForegroundBoxd(MapTransform):
+    """Apply dictionary transforms to the bounding box of a mask's foreground, grown by one voxel.
+
+    For a sparse nodule mask on a whole scan, MONAI's ``RemoveSmallObjectsd`` and ``FillHolesd``
+    spend seconds on the empty rest of the volume. Both give the same result inside the box: the
+    components all lie in it, and the one-voxel rim is background joined to everything outside,
+    so a hole in the box is a hole in the scan. Voxels outside the box stay 0, and the key's
+    tensor keeps its metadata (it is written in place).
+
+    Args:
+        keys: the mask key, e.g. ``"pred"`` (``(C, H, W, D)``; the box covers all channels).
+        transforms: dictionary transforms that read and write the same key.
+        allow_missing_keys: as MONAI. Default False.
+    """
+
+    def __init__(self, keys: KeysCollection, transforms: Sequence, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.transforms = list(transforms)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            mask = d[key]
+            where = torch.nonzero(torch.as_tensor(mask).reshape(mask.shape[0], -1).any(0).reshape(mask.shape[1:]))
+            if len(where) == 0:
+                continue  # nothing to remove or fill
+            box = (slice(None),) + tuple(
+                slice(max(int(lo) - 1, 0), min(int(hi) + 2, size)) for lo, hi, size in zip(where.min(0).values, where.max(0).values, mask.shape[1:])
+            )
+            sub = {key: mask[box]}
+            for t in self.transforms:
+                sub = t(sub)
+            mask[box] = torch.as_tensor(sub[key], dtype=mask.dtype, device=mask.device)
+            d[key] = mask
+        return d
+
+
 class NoduleTabled(MapTransform):
     """Describe each connected component of a nodule mask: the list a radiologist would review.
 
@@ -178,26 +217,30 @@ class NoduleTabled(MapTransform):
 
 
 def nodule_table(mask: torch.Tensor, prob: torch.Tensor) -> list[dict]:
-    """Rows of :class:`NoduleTabled` for a ``(1, H, W, D)`` mask and probability MetaTensor."""
+    """Rows of :class:`NoduleTabled` for a ``(1, H, W, D)`` mask and probability MetaTensor.
+
+    Each component is measured inside its own bounding box (``ndimage.find_objects``), so the cost
+    grows with the nodules' volume, not the scan's: labelled-statistics calls over the whole scan
+    took 8 s of a 60 s inference on a 350 x 350 x 300 scan.
+    """
     m = np.asarray(mask.detach().cpu().numpy()[0] > 0)
     p = np.asarray(prob.detach().cpu().numpy()[0], dtype=np.float32)
     voxel_mm3 = float(np.prod(voxel_spacing(mask)))
     comps, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return []
-    idx = np.arange(1, n + 1)
-    counts = ndimage.sum_labels(np.ones_like(p), comps, idx)
-    means = ndimage.mean(p, comps, idx)
-    maxes = ndimage.maximum(p, comps, idx)
-    centres = ndimage.center_of_mass(m, comps, idx)
+    stats = []
+    for label, box in enumerate(ndimage.find_objects(comps), start=1):
+        inside = comps[box] == label
+        values = p[box][inside]
+        centre = np.argwhere(inside).mean(axis=0) + np.array([sl.start for sl in box])
+        stats.append((int(inside.sum()), float(values.mean()), float(values.max()), centre))
     rows = []
-    for order, j in enumerate(np.argsort(-counts)):
-        vol = float(counts[j]) * voxel_mm3
-        x, y, z = voxel_to_world_lps(mask, centres[j])
+    for order, (count, mean, peak, centre) in enumerate(sorted(stats, key=lambda st: -st[0])):
+        vol = count * voxel_mm3
+        x, y, z = voxel_to_world_lps(mask, centre)
         rows.append({
             "nodule": order + 1, "centre_x_mm": round(x, 2), "centre_y_mm": round(y, 2), "centre_z_mm": round(z, 2),
-            "voxel_i": round(float(centres[j][0]), 2), "voxel_j": round(float(centres[j][1]), 2), "voxel_k": round(float(centres[j][2]), 2),
+            "voxel_i": round(float(centre[0]), 2), "voxel_j": round(float(centre[1]), 2), "voxel_k": round(float(centre[2]), 2),
             "volume_mm3": round(vol, 1), "equivalent_diameter_mm": round((6 * vol / math.pi) ** (1 / 3), 2),
-            "mean_probability": round(float(means[j]), 4), "max_probability": round(float(maxes[j]), 4),
+            "mean_probability": round(mean, 4), "max_probability": round(peak, 4),
         })  # fmt: skip
     return rows
