@@ -342,16 +342,17 @@ def test_post_processing_in_the_foreground_box_equals_the_whole_volume():
     mask[13:17, 13:17, 13:17] = 0  # an enclosed hole: filled
     mask[30:36, 5:11, 0:6] = 1
     mask[32:34, 7:9, 0:2] = 0  # a dent open to the volume's face: stays open
-    mask[50, 45, 35] = 1  # a 1-voxel speck at 0.8 x 0.8 x 1.5 mm: removed (< 10 mm^3)
-    mask[40:44, 30:34, 20:23] = rng.uniform(size=(4, 4, 3)) > 0.3  # a ragged blob
+    mask[50, 45, 35] = 1  # a 1-voxel speck at 0.5 x 0.5 x 1 mm: removed (< 10 mm^3)
+    mask[5, 40, 15:35] = 1  # 20 voxels = 5 mm^3: removed only if the crop kept the spacing (20 voxels at 1 mm would stay)
+    mask[40:46, 28:34, 18:23] = rng.uniform(size=(6, 6, 5)) > 0.3  # a ragged blob of about 125 voxels (31 mm^3): kept
     with bundle_scripts(BUNDLE) as scripts:
         for m in (mask, np.zeros_like(mask)):
-            want = Compose(steps())({"pred": _meta_tensor(m, spacing=(0.8, 0.8, 1.5))})["pred"]
-            got = scripts.InForegroundBoxd("pred", transforms=steps())({"pred": _meta_tensor(m, spacing=(0.8, 0.8, 1.5))})["pred"]
+            want = Compose(steps())({"pred": _meta_tensor(m, spacing=(0.5, 0.5, 1.0))})["pred"]
+            got = scripts.InForegroundBoxd("pred", transforms=steps())({"pred": _meta_tensor(m, spacing=(0.5, 0.5, 1.0))})["pred"]
             assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
     assert want.sum() == 0 and torch.as_tensor(got).sum() == 0  # the empty mask stayed empty
-    full = Compose(steps())({"pred": _meta_tensor(mask, spacing=(0.8, 0.8, 1.5))})["pred"]
-    assert full[0, 15, 15, 15] == 1 and full[0, 33, 8, 0] == 0 and full[0, 50, 45, 35] == 0  # the cases above do occur
+    full = Compose(steps())({"pred": _meta_tensor(mask, spacing=(0.5, 0.5, 1.0))})["pred"]
+    assert full[0, 15, 15, 15] == 1 and full[0, 33, 8, 0] == 0 and full[0, 50, 45, 35] == 0 and full[0, 5, 40, 30] == 0 and full[0, 42:44, 30:32, 20:22].any()  # the cases above do occur
 
 
 def test_hard_negatives_come_mostly_from_the_lungs():
