@@ -226,7 +226,7 @@ def nodule_table(mask: torch.Tensor, prob: torch.Tensor) -> list[dict]:
     m = np.asarray(mask.detach().cpu().numpy()[0] > 0)
     p = np.asarray(prob.detach().cpu().numpy()[0], dtype=np.float32)
     voxel_mm3 = float(np.prod(voxel_spacing(mask)))
-    comps, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+    comps, _ = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
     stats = []
     for label, box in enumerate(ndimage.find_objects(comps), start=1):
         inside = comps[box] == label
