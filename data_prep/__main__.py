@@ -65,6 +65,8 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--size", choices=("small", "full"), default="small", help="small: a slab around the nodules; full: every slice")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-body-fit", dest="body_fit", action="store_false",
+                   help="do not grow a phantom's body to hold its nodules (reproduces worlds written before data_prep 0.2)")  # fmt: skip
 
 
 def _add_label_options(p: argparse.ArgumentParser) -> None:
@@ -277,7 +279,7 @@ def _run_synth_luna16(args) -> int:
 
     res = write_synthetic_luna16(
         args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,
-        progress=not args.quiet, compress=args.compress,
+        progress=not args.quiet, compress=args.compress, body_fit=args.body_fit,
     )  # fmt: skip
     for s in res["scans"]:
         print(f"synth-luna16: {s['patient_id']}: {s['subset']}/{s['seriesuid']}.mhd {tuple(s['shape_zyx'])}, {s['n_annotations']} annotation(s)")
@@ -290,7 +292,7 @@ def _run_synth_lidc(args) -> int:
 
     series = write_synthetic_lidc(
         args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,
-        truth_out=args.truth_out, progress=not args.quiet,
+        truth_out=args.truth_out, progress=not args.quiet, body_fit=args.body_fit,
     )  # fmt: skip
     for s in series:
         print(f"synth-lidc: {s['patient_id']}: {s['n_slices']} slices, {s['nodule_count']} nodule(s) -> {s['path']}")

@@ -247,7 +247,8 @@ def _patient_seed(seed: int, patient_id: str) -> int:
     return seed * 2**32 + zlib.crc32(patient_id.encode())
 
 
-def _write_scan(pl, scan, out: Path, seed: int, size: str, storage: int, truth_out: Path | None, progress: bool) -> dict:
+def _write_scan(pl, scan, out: Path, seed: int, size: str, storage: int, truth_out: Path | None, progress: bool,
+                body_fit: bool = True) -> dict:  # fmt: skip
     """Render and write one series; return its summary."""
     zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
     specs = nodule_specs(pl, scan)
@@ -266,6 +267,7 @@ def _write_scan(pl, scan, out: Path, seed: int, size: str, storage: int, truth_o
         seed=_patient_seed(seed, scan.patient_id),
         shape=IMAGE_SHAPE,
         progress=progress,
+        body_fit=body_fit,
     )
     frame_uid = generate_uid(entropy_srcs=["data_prep.synthetic", scan.series_instance_uid, "frame"])
     fov = field_of_view(IMAGE_SHAPE)
@@ -310,6 +312,7 @@ def write_synthetic_lidc(
     patient_ids: Sequence[str] | None = None,
     truth_out: str | Path | None = None,
     progress: bool = False,
+    body_fit: bool = True,
 ) -> list[dict]:
     """Write synthetic LIDC-IDRI DICOM series in TCIA layout (see the module docstring).
 
@@ -326,6 +329,8 @@ def write_synthetic_lidc(
         patient_ids: LIDC PatientIDs to write instead of a random draw.
         truth_out: folder for ``<PatientID>_{lungs,airways,nodules}.npz`` truth masks, or None.
         progress: show tqdm progress bars.
+        body_fit: grow each phantom's body until its nodules lie inside the pleural cavity
+            (:func:`render_phantom`); False reproduces worlds written before data_prep 0.2.
 
     Returns:
         One dict per series: ``patient_id``, ``study_uid``, ``series_uid``, ``n_slices``,
@@ -343,4 +348,4 @@ def write_synthetic_lidc(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="synthetic LIDC", unit="series")
-    return [_write_scan(pl, scan, out, seed, size, i % len(_STORAGE), truth_out, progress) for i, scan in items]
+    return [_write_scan(pl, scan, out, seed, size, i % len(_STORAGE), truth_out, progress, body_fit) for i, scan in items]

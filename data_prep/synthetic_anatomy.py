@@ -15,11 +15,14 @@ lungs fill most of any scan, the trachea its top part and the heart its lower ha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 __all__ = ["ChestAnatomy", "ellipse_q"]
+
+BODY_GROWTH_STEP = 1.01  # widened_to_hold grows the body by this factor per step ...
+BODY_GROWTH_MAX = 1.5  # ... up to this factor per axis
 
 # Body layers, as fractions of the skin superellipse "radius" rho (1 = skin; see body_rho_p).
 BODY_EXPONENT = 2.4
@@ -106,6 +109,39 @@ class ChestAnatomy:
             dome_left=0.29 + 0.03 * j[6],
             carina_t=0.70 + 0.03 * j[7],
         )
+
+    def widened_to_hold(self, u, v, t, limit: float = CAVITY) -> ChestAnatomy:
+        """This anatomy with the body grown until every point (u, v, t) lies inside ``limit``.
+
+        Nodule outlines come from real patients, whose chests are not the phantom's: drawn where
+        the phantom has chest-wall muscle, a solid nodule is invisible (+40 HU in +45 HU) and still
+        labelled. Growing the body (and so the pleural cavity, ribs and lungs with it) puts the
+        outline back inside the chest. The axis that holds the outermost point back grows by
+        ``BODY_GROWTH_STEP`` at a time (both when their terms are within 30 % of each other), at most
+        ``BODY_GROWTH_MAX`` times; a body that already holds every point is returned unchanged.
+
+        Args:
+            u: normalized left-right coordinates of the points (array).
+            v: normalized anterior-posterior coordinates (array, same shape).
+            t: relative heights (array, same shape).
+            limit: body-layer radius (``CAVITY``: inside the pleural cavity) the points must be inside.
+        """
+        u, v, t = (np.asarray(x, dtype=np.float64).ravel() for x in (u, v, t))
+        if u.size == 0:
+            return self
+        taper = 1.0 - 0.05 * np.clip((t - 0.85) / 0.15, 0.0, 1.0)
+        au, bv = np.abs(u) / taper, np.abs(v - self.body_v)
+        a, b, bound = self.body_a, self.body_b, limit**BODY_EXPONENT
+        while True:
+            terms_u, terms_v = (au / a) ** BODY_EXPONENT, (bv / b) ** BODY_EXPONENT
+            worst = int(np.argmax(terms_u + terms_v))
+            tu, tv = terms_u[worst], terms_v[worst]
+            grow_a = tu >= 0.7 * tv and a < self.body_a * BODY_GROWTH_MAX
+            grow_b = tv >= 0.7 * tu and b < self.body_b * BODY_GROWTH_MAX
+            if tu + tv < bound or not (grow_a or grow_b):
+                break
+            a, b = a * (BODY_GROWTH_STEP if grow_a else 1.0), b * (BODY_GROWTH_STEP if grow_b else 1.0)
+        return self if (a, b) == (self.body_a, self.body_b) else replace(self, body_a=float(a), body_b=float(b))
 
     # ---- coordinates -------------------------------------------------------------------------
     def t_of(self, z):

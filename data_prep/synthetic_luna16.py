@@ -51,7 +51,9 @@ def luna16_annotations(scan, origin_xy: tuple[float, float]) -> list[dict]:
     return scan_nodule_rows(scan, (float(origin_xy[0]), float(origin_xy[1]), ps, ps))
 
 
-def _write_scan(pl, scan, out: Path, subset: str, seed: int, size: str, compress: bool, progress: bool) -> tuple[dict, list[dict]]:
+def _write_scan(
+    pl, scan, out: Path, subset: str, seed: int, size: str, compress: bool, progress: bool, body_fit: bool = True
+) -> tuple[dict, list[dict]]:
     zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
     steps = np.diff(zvals)
     if len(steps) and np.ptp(steps) > 0.01 * np.median(steps):
@@ -65,7 +67,7 @@ def _write_scan(pl, scan, out: Path, subset: str, seed: int, size: str, compress
     ps = float(scan.pixel_spacing)
     hu, _ = render_phantom(
         z, ps, (float(zvals.min()), float(zvals.max())), nodules=specs, slice_thickness=float(scan.slice_thickness),
-        seed=_patient_seed(seed, scan.patient_id), shape=IMAGE_SHAPE, progress=progress,
+        seed=_patient_seed(seed, scan.patient_id), shape=IMAGE_SHAPE, progress=progress, body_fit=body_fit,
     )  # fmt: skip
     hu[:, ~field_of_view(IMAGE_SHAPE)] = LUNA16_PADDING
     origin_xy = (-ps * IMAGE_SHAPE[1] / 2, -ps * IMAGE_SHAPE[0] / 2)  # as the DICOM demo world's IPP
@@ -89,7 +91,7 @@ def _write_scan(pl, scan, out: Path, subset: str, seed: int, size: str, compress
 
 def write_synthetic_luna16(
     out: str | Path, patients: int = 3, seed: int = 0, size: str = "small", patient_ids: Sequence[str] | None = None,
-    progress: bool = False, *, compress: bool = False,
+    progress: bool = False, *, compress: bool = False, body_fit: bool = True,
 ) -> dict:  # fmt: skip
     """Write the demo world as a LUNA16 tree (see the module docstring).
 
@@ -103,6 +105,8 @@ def write_synthetic_luna16(
         patient_ids: LIDC patient ids to write instead of a random draw. Default None.
         progress: show tqdm progress bars. Default False.
         compress: write ``.zraw`` (``CompressedData = True``) instead of ``.raw``. Default False.
+        body_fit: grow each phantom's body until its nodules lie inside the pleural cavity
+            (:func:`render_phantom`); False reproduces worlds written before data_prep 0.2.
 
     Returns:
         ``{"annotations_csv": path, "scans": [one dict per scan: patient_id, seriesuid, subset,
@@ -122,7 +126,7 @@ def write_synthetic_luna16(
         items = tqdm(items, desc="synthetic LUNA16", unit="scan")
     infos, rows = [], []
     for i, scan in items:
-        info, scan_rows = _write_scan(pl, scan, out, f"subset{i % 10}", seed, size, compress, progress)
+        info, scan_rows = _write_scan(pl, scan, out, f"subset{i % 10}", seed, size, compress, progress, body_fit)
         infos.append(info)
         rows += scan_rows
     csv_path = out / "annotations.csv"

@@ -216,6 +216,7 @@ def render_phantom(
     shape: tuple[int, int] = (512, 512),
     noise_sd: float = 18.0,
     progress: bool = False,
+    body_fit: bool = True,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Render chest CT slices in HU with their truth masks.
 
@@ -225,7 +226,10 @@ def render_phantom(
     trachea and bronchi (lumen -1000, 1.2 mm wall), heart, aorta and mediastinal fat, upper
     abdomen below the diaphragm domes, and Gaussian noise. Positions follow ``scan_z_range``, so a
     run of a few slices looks like the same slices of the full scan: the same seed, geometry,
-    slice thickness and slice z give identical pixels whatever the other slices are. Each nodule
+    slice thickness and slice z give identical pixels whatever the other slices are. The body is
+    grown where needed until every nodule outline lies inside the pleural cavity (real nodule
+    positions in the phantom's chest could otherwise land in its chest wall, where a solid nodule
+    cannot be seen; :meth:`ChestAnatomy.widened_to_hold`). Each nodule
     is drawn at its mask position with the attenuation of its texture class, inside a ball of
     lung (nodule radius + 8 mm, clipped to the inside of the rib cage) so it is surrounded by
     parenchyma even where the generic lungs do not reach. Outside the circular field of view the
@@ -244,6 +248,9 @@ def render_phantom(
         shape: (rows, cols) of each slice.
         noise_sd: standard deviation of the Gaussian noise (HU).
         progress: show a tqdm progress bar over slices.
+        body_fit: grow the body to hold the nodules (above). False draws the body of the seed
+            alone, as data_prep did before 0.2 (nodules may then lie in the chest wall): only to
+            regenerate a world made before.
 
     Returns:
         ``(hu, truth)``: ``hu`` int16 (z, y, x) in [-1024, 3071], in the order of ``z_positions``;
@@ -258,6 +265,8 @@ def render_phantom(
         slice_thickness = min(float(np.median(np.diff(z))), 5.0) if len(z) > 1 else 1.0
     slab = 0.4 * float(slice_thickness)
     anat = ChestAnatomy.sample(np.random.default_rng(seed), min(scan_z_range), max(scan_z_range), shape[1] / 2 * ps)
+    if body_fit:
+        anat = anat.widened_to_hold(*_nodule_uvt(nodules, anat, shape))
     central, peripheral = airway_segments(anat, np.random.default_rng([seed, 1]))
     grid = _Grid.make(shape, anat)
     scene = _Scene(
@@ -286,6 +295,18 @@ def render_phantom(
             pass
     inverse = np.argsort(order, kind="stable")
     return scene.hu[inverse], {k: v[inverse] for k, v in scene.truth.items()}
+
+
+def _nodule_uvt(nodules: Sequence[NoduleSpec], anat: ChestAnatomy, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
+    """Normalized (u, v, t) of every voxel of the nodule outlines, each (n,)."""
+    half = shape[1] / 2
+    u, v, t = [np.zeros(0)], [np.zeros(0)], [np.zeros(0)]
+    for spec in nodules:
+        kk, rr, cc = np.nonzero(np.asarray(spec.mask, dtype=bool))
+        u.append((cc + spec.col0 - (shape[1] - 1) / 2) / half)
+        v.append((rr + spec.row0 - (shape[0] - 1) / 2) / half)
+        t.append(anat.t_of(np.asarray(spec.z_positions, dtype=np.float64)[kk]))
+    return np.concatenate(u), np.concatenate(v), np.concatenate(t)
 
 
 @dataclass

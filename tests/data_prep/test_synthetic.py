@@ -18,6 +18,7 @@ from data_prep.synthetic import (
     small_slice_range,
     write_synthetic_lidc,
 )
+from data_prep.synthetic_anatomy import BODY_EXPONENT, CAVITY, ChestAnatomy
 from data_prep.synthetic_phantom import NoduleSpec, field_of_view, render_phantom
 from tests.conftest import write_ct_slice
 
@@ -161,6 +162,45 @@ def test_nodule_in_the_mediastinum_gets_lung_around_it():
     assert np.median(hu[1][ring]) < -600 and truth["lungs"][1][ring].all()
     without, _ = render_phantom(z, 0.7, (-300.0, 0.0), [], slice_thickness=1.0, seed=0)
     assert np.median(without[1][ring]) > -200  # the place is soft tissue in the generic phantom
+
+
+def test_nodule_in_the_chest_wall_is_moved_inside_by_growing_the_body():
+    """A real outline that lands in the phantom's chest-wall muscle is invisible there (+40 HU in +45 HU);
+    the body grows until it lies in the pleural cavity, surrounded by lung, and stays where it was."""
+    z = [-151.0, -150.0, -149.0]
+    yy, xx = np.mgrid[-6:7, -6:7]
+    disc = (yy**2 + xx**2 <= 30)[None].repeat(3, axis=0)
+    spec = NoduleSpec(disc, tuple(z), row0=109, col0=327, texture=5.0, label=1)  # anterior chest wall (v -0.55, u 0.3)
+    fitted, truth = render_phantom(z, 0.7, (-300.0, 0.0), [spec], slice_thickness=1.0, seed=0)
+    old, old_truth = render_phantom(z, 0.7, (-300.0, 0.0), [spec], slice_thickness=1.0, seed=0, body_fit=False)
+    nodule = truth["nodules"][1] == 1
+    assert nodule.sum() == disc[1].sum() and (old_truth["nodules"][1] == 1).sum() == disc[1].sum()  # same place
+    ring = ndimage.binary_dilation(nodule, iterations=6) & ~ndimage.binary_dilation(nodule, iterations=2)
+    assert np.median(old[1][ring]) > -200  # muscle and fat around it: the defect the fit removes
+    assert np.median(fitted[1][ring]) < -600 and truth["lungs"][1][ring].mean() > 0.9
+    assert abs(np.median(fitted[1][nodule]) - np.median(fitted[1][ring])) > 500  # visible
+    # a phantom without such a nodule is drawn exactly as before
+    plain, _ = render_phantom(z, 0.7, (-300.0, 0.0), [], slice_thickness=1.0, seed=0)
+    plain_old, _ = render_phantom(z, 0.7, (-300.0, 0.0), [], slice_thickness=1.0, seed=0, body_fit=False)
+    np.testing.assert_array_equal(plain, plain_old)
+
+
+def test_widened_to_hold_grows_the_axis_that_holds_a_point_back():
+    """Anterior points grow the body's depth only, lateral ones its width only; points inside change nothing."""
+    anat = ChestAnatomy(z_min=-300.0, z_max=0.0, half_width_mm=180.0)
+
+    def rho(a, u, v, t):
+        return a.body_rho_p(np.asarray(u), np.asarray(v), np.asarray(t)) ** (1 / BODY_EXPONENT)
+
+    assert anat.widened_to_hold([0.0, 0.3], [0.0, -0.2], [0.5, 0.5]) is anat
+    front = anat.widened_to_hold([0.0], [anat.body_v - 0.9 * anat.body_b], [0.5])
+    assert front.body_a == anat.body_a and front.body_b > anat.body_b
+    assert rho(front, 0.0, anat.body_v - 0.9 * anat.body_b, 0.5) < CAVITY
+    side = anat.widened_to_hold([0.9 * anat.body_a], [anat.body_v], [0.5])
+    assert side.body_b == anat.body_b and side.body_a > anat.body_a
+    assert rho(side, 0.9 * anat.body_a, anat.body_v, 0.5) < CAVITY
+    far = anat.widened_to_hold([5.0], [anat.body_v], [0.5])  # a point no sane chest holds: growth stops at its cap
+    assert far.body_a == pytest.approx(1.5 * anat.body_a, rel=0.011)
 
 
 def test_truth_masks_match_the_image(small_world):
