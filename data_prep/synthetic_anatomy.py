@@ -46,6 +46,11 @@ def ellipse_q(u, v, uc, vc, au, av):
     return ((u - uc) / au) ** 2 + ((v - vc) / av) ** 2
 
 
+def _neck_taper(t):
+    """Factor on the body's half-width at relative height t: 1, narrowing by 5 % towards the neck."""
+    return 1.0 - 0.05 * np.clip((np.asarray(t) - 0.85) / 0.15, 0.0, 1.0)
+
+
 def _capsule_distance(u, v, p0, p1):
     """Distance of (u, v) to the 2D segment p0-p1 (same units)."""
     du, dv = p1[0] - p0[0], p1[1] - p0[1]
@@ -129,8 +134,7 @@ class ChestAnatomy:
         u, v, t = (np.asarray(x, dtype=np.float64).ravel() for x in (u, v, t))
         if u.size == 0:
             return self
-        taper = 1.0 - 0.05 * np.clip((t - 0.85) / 0.15, 0.0, 1.0)
-        au, bv = np.abs(u) / taper, np.abs(v - self.body_v)
+        au, bv = np.abs(u) / _neck_taper(t), np.abs(v - self.body_v)
         a, b, bound = self.body_a, self.body_b, limit**BODY_EXPONENT
         while True:
             terms_u, terms_v = (au / a) ** BODY_EXPONENT, (bv / b) ** BODY_EXPONENT
@@ -185,8 +189,7 @@ class ChestAnatomy:
         Body layers are at ``MUSCLE_OUTER``, ``RIB_OUTER`` and ``CAVITY`` (to the same power).
         """
         s = static if static is not None else self.static_fields(u, v)
-        taper = 1.0 - 0.05 * np.clip((np.asarray(t) - 0.85) / 0.15, 0.0, 1.0)  # narrower towards the neck
-        return s["u_pow"] / (self.body_a * taper) ** BODY_EXPONENT + s["v_pow"] / self.body_b**BODY_EXPONENT
+        return s["u_pow"] / (self.body_a * _neck_taper(t)) ** BODY_EXPONENT + s["v_pow"] / self.body_b**BODY_EXPONENT
 
     def has_heart(self, t) -> bool:
         """Whether the heart may appear at height(s) t."""
