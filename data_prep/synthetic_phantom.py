@@ -100,11 +100,15 @@ class _SmoothTexture:
 
 
 # ---- one slice ----------------------------------------------------------------------------
+def _pixel_uv(rows, cols, shape: tuple[int, int]):
+    """Normalized ``(u, v)`` of pixel columns and rows (arrays): 0 at the image centre, 1 at half its width."""
+    half = shape[1] / 2
+    return (cols - (shape[1] - 1) / 2) / half, (rows - (shape[0] - 1) / 2) / half
+
+
 def field_of_view(shape: tuple[int, int]) -> np.ndarray:
     """Boolean (rows, cols) circle of the reconstruction field of view: the largest centred disc."""
-    half = shape[1] / 2
-    v = (np.arange(shape[0]) - (shape[0] - 1) / 2)[:, None] / half
-    u = (np.arange(shape[1]) - (shape[1] - 1) / 2)[None, :] / half
+    u, v = _pixel_uv(np.arange(shape[0])[:, None], np.arange(shape[1])[None, :], shape)
     return u * u + v * v <= 1.0
 
 
@@ -125,9 +129,7 @@ class _Grid:
 
     @classmethod
     def make(cls, shape: tuple[int, int], anat: ChestAnatomy) -> _Grid:
-        half = shape[1] / 2
-        rows = (np.arange(shape[0], dtype=np.float32) - (shape[0] - 1) / 2) / half
-        cols = (np.arange(shape[1], dtype=np.float32) - (shape[1] - 1) / 2) / half
+        cols, rows = _pixel_uv(np.arange(shape[0], dtype=np.float32), np.arange(shape[1], dtype=np.float32), shape)
         v, u = np.meshgrid(rows, cols, indexing="ij")
         static = anat.static_fields(u, v)
         rho0 = anat.body_rho_p(u, v, 0.0, static) ** (1 / BODY_EXPONENT)  # the neck taper only grows rho
@@ -299,12 +301,12 @@ def render_phantom(
 
 def _nodule_uvt(nodules: Sequence[NoduleSpec], anat: ChestAnatomy, shape: tuple[int, int]) -> tuple[np.ndarray, ...]:
     """Normalized (u, v, t) of every voxel of the nodule outlines, each (n,)."""
-    half = shape[1] / 2
     u, v, t = [np.zeros(0)], [np.zeros(0)], [np.zeros(0)]
     for spec in nodules:
         kk, rr, cc = np.nonzero(np.asarray(spec.mask, dtype=bool))
-        u.append((cc + spec.col0 - (shape[1] - 1) / 2) / half)
-        v.append((rr + spec.row0 - (shape[0] - 1) / 2) / half)
+        uu, vv = _pixel_uv(rr + spec.row0, cc + spec.col0, shape)
+        u.append(uu)
+        v.append(vv)
         t.append(anat.t_of(np.asarray(spec.z_positions, dtype=np.float64)[kk]))
     return np.concatenate(u), np.concatenate(v), np.concatenate(t)
 

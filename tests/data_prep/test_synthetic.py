@@ -179,9 +179,10 @@ def test_nodule_in_the_chest_wall_is_moved_inside_by_growing_the_body():
     assert np.median(old[1][ring]) > -200  # muscle and fat around it: the defect the fit removes
     assert np.median(fitted[1][ring]) < -600 and truth["lungs"][1][ring].mean() > 0.9
     assert abs(np.median(fitted[1][nodule]) - np.median(fitted[1][ring])) > 500  # visible
-    # a phantom without such a nodule is drawn exactly as before
-    plain, _ = render_phantom(z, 0.7, (-300.0, 0.0), [], slice_thickness=1.0, seed=0)
-    plain_old, _ = render_phantom(z, 0.7, (-300.0, 0.0), [], slice_thickness=1.0, seed=0, body_fit=False)
+    # a phantom whose nodules already lie in the cavity is drawn exactly as before
+    inside = NoduleSpec(disc, tuple(z), row0=250, col0=150, texture=5.0, label=1)  # right lung (u -0.4)
+    plain, _ = render_phantom(z, 0.7, (-300.0, 0.0), [inside], slice_thickness=1.0, seed=0)
+    plain_old, _ = render_phantom(z, 0.7, (-300.0, 0.0), [inside], slice_thickness=1.0, seed=0, body_fit=False)
     np.testing.assert_array_equal(plain, plain_old)
 
 
