@@ -239,8 +239,38 @@ def test_init_checkpoint_fine_tunes_from_saved_weights_and_names_bad_files(tmp_p
         torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
         with pytest.raises(ValueError, match="module.pt.*weights-only"):
             scripts.network.load_init_checkpoint(dst, str(tmp_path / "module.pt"))
-        with pytest.raises(ValueError, match="ckpt.pt does not fit network_def"):
-            scripts.network.load_init_checkpoint(scripts.network.CxrDrrFusionNet(**kw, drr_skips=True), str(tmp_path / "ckpt.pt"))
+        # a checkpoint with DRR skips does not fit a network without them
+        torch.save(scripts.network.CxrDrrFusionNet(**kw, drr_skips=True).state_dict(), tmp_path / "skips.pt")
+        with pytest.raises(ValueError, match="skips.pt does not fit network_def"):
+            scripts.network.load_init_checkpoint(scripts.network.CxrDrrFusionNet(**kw), str(tmp_path / "skips.pt"))
+        wide = dict(kw, decoder_channels=(32, 16, 8, 8, 8, 8))
+        with pytest.raises(ValueError, match="ckpt.pt does not fit network_def"):  # widening adds inputs, never other sizes
+            scripts.network.load_init_checkpoint(scripts.network.CxrDrrFusionNet(**wide, drr_skips=True), str(tmp_path / "ckpt.pt"))
+
+
+def test_init_checkpoint_without_drr_skips_widens_into_a_skip_network(tmp_path):
+    """A checkpoint without drr_skips loads into a drr_skips network: same outputs at the start (new inputs zero), and training moves the new weights so the DRR reaches the decoder."""
+    with bundle_scripts(BUNDLE) as scripts:
+        kw = dict(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        torch.manual_seed(3)
+        src = scripts.network.CxrDrrFusionNet(**kw).eval()
+        torch.save(src.state_dict(), tmp_path / "plain.pt")
+        dst = scripts.network.CxrDrrFusionNet(**kw, drr_skips=True)
+        scripts.network.load_init_checkpoint(dst, str(tmp_path / "plain.pt"))
+        dst.eval()
+        x = torch.randn(2, 2, 64, 64)
+        with torch.no_grad():
+            assert torch.allclose(dst(x), src(x), atol=1e-6)
+        for key in scripts.network.DRR_SKIP_INPUTS:  # old inputs copied, the DRR's new ones zero
+            old, new = src.state_dict()[key], dst.state_dict()[key]
+            assert new.shape[1] > old.shape[1]
+            assert torch.equal(new[:, : old.shape[1]], old) and not new[:, old.shape[1] :].any()
+        dst.train()
+        opt = torch.optim.SGD(dst.parameters(), lr=0.1)
+        dst(x)[:, 0].mean().backward()
+        opt.step()
+        head_in = dst.state_dict()["decoder.up1.conv.0.0.weight"]
+        assert head_in[:, -2:].abs().sum() > 0  # the full-resolution X-ray/DRR inputs now carry weight
 
 
 def test_loss_prefers_the_right_mask_and_allows_empty_masks():

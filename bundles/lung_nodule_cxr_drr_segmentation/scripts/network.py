@@ -37,6 +37,7 @@ __all__ = [
     "load_xrv_weights",
     "map_torchvision_resnet_keys",
     "param_groups",
+    "widen_for_drr_skips",
 ]
 
 # optimizer parameter groups, in the order ``param_groups`` returns them (names are module prefixes)
@@ -374,11 +375,41 @@ def param_groups(net: nn.Module, lr: float, backbone_lr: float, weight_decay: fl
     return out
 
 
+# decoder convolutions whose input grows by the DRR path's channels when ``drr_skips`` is on
+DRR_SKIP_INPUTS = (
+    "decoder.bottleneck.0.weight", "decoder.up16.conv.0.0.weight", "decoder.up8.conv.0.0.weight",
+    "decoder.up4.conv.0.0.weight", "decoder.up2.conv.0.0.weight", "decoder.up1.conv.0.0.weight",
+)  # fmt: skip
+
+
+def widen_for_drr_skips(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint of a network without ``drr_skips`` to one with them (``own``: its state dict).
+
+    The DRR features are concatenated after the X-ray skips, so each decoder convolution of
+    ``DRR_SKIP_INPUTS`` gets zero weights for its new, trailing input channels: the widened network
+    computes exactly what the checkpoint did, and training then learns how much of the DRR features
+    to use. Weights that already fit (a ``drr_skips`` checkpoint) are returned unchanged.
+    """
+    out = dict(state_dict)
+    for key in DRR_SKIP_INPUTS:
+        if key not in out or key not in own:
+            continue
+        w, want = out[key], own[key]
+        if w.shape == want.shape:
+            continue
+        if w.dim() != 4 or w.shape[0] != want.shape[0] or w.shape[1] > want.shape[1] or w.shape[2:] != want.shape[2:]:
+            continue  # leave it to load_state_dict to report the mismatch
+        pad = torch.zeros(w.shape[0], want.shape[1] - w.shape[1], *w.shape[2:], dtype=w.dtype)
+        out[key] = torch.cat([w, pad], dim=1)
+    return out
+
+
 def load_init_checkpoint(net: nn.Module, path: str | None) -> nn.Module:
     """Fine-tuning: start from the weights in ``path`` (e.g. the shipped ``models/model.pt``); no-op when empty.
 
     A plain state dict or one under ``"model"`` (an ignite checkpoint), loaded weights-only into the
-    network (a DDP wrapper is unwrapped); every key and shape must fit ``network_def``.
+    network (a DDP wrapper is unwrapped); every key and shape must fit ``network_def``, except that
+    a checkpoint without ``drr_skips`` loads into a network with them (:func:`widen_for_drr_skips`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -394,8 +425,11 @@ def load_init_checkpoint(net: nn.Module, path: str | None) -> nn.Module:
         raise ValueError(f"init_checkpoint {path}: not a weights-only state dict ({type(e).__name__})") from None
     if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
+    target = getattr(net, "module", net)
+    if getattr(target, "drr_skips", False):
+        sd = widen_for_drr_skips(sd, target.state_dict())
     try:
-        getattr(net, "module", net).load_state_dict(sd)
+        target.load_state_dict(sd)
     except RuntimeError as e:
         raise ValueError(f"init_checkpoint {path} does not fit network_def (check drr_skips and the widths): {e}") from None
     return net
