@@ -541,6 +541,39 @@ def test_training_beats_untrained_start_on_heldout_pairs(trained, tmp_path):
     assert len(rows) == 8 and {"dice", "iou", "precision", "recall", "attention_dice", "max_diameter_mm"} <= set(rows[0])
     groups = {r["group"]: int(r["n"]) for r in _read_csv(after / "metrics.csv")}
     assert groups["no_nodule"] == 1 and groups[">=10mm"] + groups["<10mm"] == groups["all"] == 7
+    assert groups[">=10mm_contrast<=1"] + groups[">=10mm_contrast>1"] == groups[">=10mm"]
+    contrast = [float(r["drr_contrast"]) for r in rows if float(r["label_pixels"]) > 0]
+    assert all(c > 1 for c in contrast), contrast  # the test set's disks are bright in its DRRs
+
+
+def test_drr_contrast_measures_how_far_the_nodule_stands_out_and_splits_the_summary(tmp_path):
+    """drr_contrast: a bright disk on a noisy background scores high, an invisible one near 0, affine rescaling changes nothing; metrics.csv splits large nodules by it."""
+    with bundle_scripts(BUNDLE) as scripts:
+        h = scripts.handlers
+        rng = np.random.default_rng(0)
+        yy, xx = np.mgrid[0:64, 0:64]
+        mask = ((yy - 32) ** 2 + (xx - 32) ** 2 <= 16).astype(np.uint8)
+        noise = rng.normal(0.0, 1.0, (64, 64))
+        bright, hidden = noise + 4.0 * mask, noise.copy()
+        assert 3.0 < h.drr_contrast(bright, mask) < 5.0
+        assert abs(h.drr_contrast(hidden, mask)) < 1.0
+        assert np.isclose(h.drr_contrast(bright * 0.01 + 7.0, mask), h.drr_contrast(bright, mask))
+        assert np.isnan(h.drr_contrast(bright, np.zeros_like(mask)))
+        assert np.isnan(h.drr_contrast(np.ones((64, 64)), mask))  # constant ring
+        writer = h.PerImageMetrics(str(tmp_path))
+        base = {"xray": "x", "case_id": "c", "iou": 0.0, "precision": 0.0, "recall": 0.0, "attention_dice": 0.0,
+                "attention_dice_thresholded": 0.0, "fp_pixels": 0.0, "label_pixels": 9.0}  # fmt: skip
+        writer.rows = [
+            {**base, "max_diameter_mm": 12.0, "dice": 0.8, "drr_contrast": 2.0},
+            {**base, "max_diameter_mm": 15.0, "dice": 0.1, "drr_contrast": 0.3},
+            {**base, "max_diameter_mm": 11.0, "dice": 0.2, "drr_contrast": 0.9},
+            {**base, "max_diameter_mm": 5.0, "dice": 0.0, "drr_contrast": 3.0},
+        ]
+        writer.write()
+        summary = {r["group"]: r for r in _read_csv(tmp_path / "metrics.csv")}
+        assert int(summary[">=10mm_contrast>1"]["n"]) == 1 and float(summary[">=10mm_contrast>1"]["dice"]) == 0.8
+        assert int(summary[">=10mm_contrast<=1"]["n"]) == 2 and np.isclose(float(summary[">=10mm_contrast<=1"]["dice"]), 0.15)
+        assert [r["drr_contrast"] for r in _read_csv(tmp_path / "per_image.csv")] == ["2.0", "0.3", "0.9", "3.0"]
 
 
 def test_inference_png_and_dicom_pair_writes_mask_and_attention(trained, tmp_path):

@@ -1,5 +1,6 @@
-"""Evaluation writer: per-image Dice, IoU, precision, recall and the attention map's Dice (CSV), and a
-summary by nodule size (>= ``size_threshold_mm`` and smaller, and pairs without a nodule)."""
+"""Evaluation writer: per-image Dice, IoU, precision, recall, the attention map's Dice and the nodule's
+contrast in the DRR (CSV), and a summary by nodule size (>= ``size_threshold_mm`` and smaller, the large
+ones also split by DRR contrast, and pairs without a nodule)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from ignite.engine import Engine, Events
 
-__all__ = ["PerImageMetrics", "binary_scores", "soft_dice"]
+__all__ = ["PerImageMetrics", "binary_scores", "drr_contrast", "soft_dice"]
 
 
 def binary_scores(pred: np.ndarray, label: np.ndarray) -> dict[str, float]:
@@ -50,6 +52,31 @@ def soft_dice(prob: np.ndarray, label: np.ndarray) -> float:
     return float(2 * (p * g).sum() / (p.sum() + g.sum())) if g.any() else float("nan")
 
 
+def drr_contrast(drr: np.ndarray, label: np.ndarray, inner: int = 3, outer: int = 8) -> float:
+    """How far the nodule stands out of its surroundings in the DRR: ``(mean in mask - mean in ring) / std in ring``.
+
+    The ring holds the pixels between ``inner`` and ``outer`` pixels (chessboard distance) from the mask,
+    so vessels and ribs crossing the nodule's neighbourhood raise its standard deviation. The value does
+    not change under an affine intensity scaling, so it can be computed on the normalised network input.
+    NaN without a nodule, with an empty ring or a constant ring.
+
+    Args:
+        drr: the DRR, (H, W).
+        label: reference mask, (H, W), {0, 1}.
+        inner: ring's inner distance, pixels. Default 3.
+        outer: ring's outer distance, pixels. Default 8.
+    """
+    g = torch.as_tensor(np.asarray(label) > 0.5, dtype=torch.float32)[None, None]
+    if not g.any():
+        return float("nan")
+    grow = lambda r: F.max_pool2d(g, 2 * r + 1, stride=1, padding=r)[0, 0].numpy() > 0  # noqa: E731
+    ring = grow(outer) & ~grow(inner)
+    d = np.asarray(drr, np.float64)
+    if ring.sum() < 2 or d[ring].std() == 0:
+        return float("nan")
+    return float((d[g[0, 0].numpy() > 0].mean() - d[ring].mean()) / d[ring].std())
+
+
 def _mean(values: Sequence[float]) -> float:
     v = [x for x in values if not math.isnan(x)]
     return float(np.mean(v)) if v else float("nan")
@@ -60,13 +87,16 @@ class PerImageMetrics:
 
     ``attention_dice`` is the soft (threshold-free) Dice of the 1/4-scale attention probability map
     against the mask; ``attention_dice_thresholded`` thresholds it at ``attention_threshold`` first.
+    ``drr_contrast`` is :func:`drr_contrast` of the DRR channel of the network input (``image``
+    channel 1) against the mask: how visible the nodule is in the DRR the network was given.
 
     Reads, per decollated item, ``pred`` (1, H, W) binary and ``attention`` (1, H, W) probability from
     ``engine.state.output`` and ``label``, ``xray_path`` and ``max_diameter_mm`` from
     ``engine.state.batch``. Metrics are computed on the network grid (``image_size``). Pairs without a
     nodule have no Dice/IoU/recall (NaN) and count their false-positive pixels.
 
-    ``metrics.csv`` rows: ``all`` (pairs with a nodule), ``>=10mm``, ``<10mm``, ``no_nodule``; columns:
+    ``metrics.csv`` rows: ``all`` (pairs with a nodule), ``>=10mm``, ``<10mm``, ``>=10mm_contrast<=1``,
+    ``>=10mm_contrast>1`` (the large ones by ``drr_contrast`` against ``contrast_threshold``), ``no_nodule``; columns:
     group, n, dice, iou, precision, recall, attention_dice, attention_dice_thresholded, fp_pixels
     (means over the group's images, NaN entries left out).
 
@@ -74,12 +104,17 @@ class PerImageMetrics:
         output_dir: folder for the CSV files (created).
         size_threshold_mm: nodule size that splits the groups. Default 10.
         attention_threshold: probability above which the attention map counts as foreground. Default 0.5.
+        contrast_threshold: DRR contrast that splits the large nodules' pairs. Default 1.
         per_image_filename: Default "per_image.csv".
         summary_filename: Default "metrics.csv".
     """
 
-    def __init__(self, output_dir: str, size_threshold_mm: float = 10.0, attention_threshold: float = 0.5, per_image_filename: str = "per_image.csv", summary_filename: str = "metrics.csv") -> None:
+    def __init__(
+        self, output_dir: str, size_threshold_mm: float = 10.0, attention_threshold: float = 0.5, per_image_filename: str = "per_image.csv",
+        summary_filename: str = "metrics.csv", contrast_threshold: float = 1.0,
+    ) -> None:  # fmt: skip
         self.output_dir = str(output_dir)
+        self.contrast_threshold = contrast_threshold
         self.size_threshold_mm = size_threshold_mm
         self.attention_threshold = attention_threshold
         self.per_image_filename = per_image_filename
@@ -104,6 +139,10 @@ class PerImageMetrics:
             row = {"attention_dice_thresholded": float("nan"), "xray": str(b.get("xray_path", "")), "case_id": str(b.get("case_id", "")),
                    "max_diameter_mm": float(torch.as_tensor(b.get("max_diameter_mm", 0.0)))}
             row.update(binary_scores(pred, label))
+            image = b.get("image")
+            row["drr_contrast"] = float("nan")
+            if image is not None and torch.as_tensor(image).shape[0] >= 2:
+                row["drr_contrast"] = drr_contrast(torch.as_tensor(image).detach().cpu().numpy()[1], label)
             if "attention" in o:
                 att = torch.as_tensor(o["attention"]).detach().cpu().numpy()[0].astype(np.float64)
                 row["attention_dice"] = soft_dice(att, label)
@@ -114,19 +153,22 @@ class PerImageMetrics:
 
     def groups(self) -> dict[str, list[dict]]:
         """Rows by group: all (with a nodule), >= threshold, < threshold, no nodule."""
-        t = self.size_threshold_mm
+        t, c = self.size_threshold_mm, self.contrast_threshold
         pos = [r for r in self.rows if r["label_pixels"] > 0]
+        large = [r for r in pos if r["max_diameter_mm"] >= t]
         return {
             "all": pos,
-            f">={t:g}mm": [r for r in pos if r["max_diameter_mm"] >= t],
+            f">={t:g}mm": large,
             f"<{t:g}mm": [r for r in pos if r["max_diameter_mm"] < t],
+            f">={t:g}mm_contrast<={c:g}": [r for r in large if r.get("drr_contrast", math.nan) <= c],
+            f">={t:g}mm_contrast>{c:g}": [r for r in large if r.get("drr_contrast", math.nan) > c],
             "no_nodule": [r for r in self.rows if r["label_pixels"] == 0],
         }
 
     def write(self, engine: Engine | None = None) -> None:
         """Write both CSV files and keep the summary in ``self.summary`` (and ``engine.state.metrics``)."""
         os.makedirs(self.output_dir, exist_ok=True)
-        cols = ["xray", "case_id", "max_diameter_mm", "dice", "iou", "precision", "recall", "attention_dice", "attention_dice_thresholded", "fp_pixels", "label_pixels"]
+        cols = ["xray", "case_id", "max_diameter_mm", "dice", "iou", "precision", "recall", "attention_dice", "attention_dice_thresholded", "fp_pixels", "label_pixels", "drr_contrast"]
         with open(os.path.join(self.output_dir, self.per_image_filename), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
