@@ -181,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drr-region", choices=["body", "lungs"], default="body",
                    help="body: the DRR integrates the whole CT (default); lungs: only the lung field, segmented from the CT's HU "
                         "(ribs, spine and heart vanish; the X-ray-like image stays whole)")  # fmt: skip
+    d.add_argument("--drr-slabs", type=int, default=0,
+                   help="also write the DRR's region in this many depth slabs along the beam, anterior first "
+                        "(images/drr_slab<k>/, datalist keys drr_slab<k>; each scaled like the DRR, so they add up to it); default 0")  # fmt: skip
     d.add_argument("--seed", type=int, default=0, help="seed of poses and noise (default 0)")
     d.add_argument("--cases", nargs="+", default=None, help="only these case ids (default: all in datalist.json)")
     d.add_argument("--export-seed-layout", default=None, help="also write <sample>_drr.png and <sample>_drr_mask.png here")
@@ -306,6 +309,7 @@ def _run_drr(args) -> int:
         geometry=DrrGeometry(sdd=args.sdd, odd=args.odd, size=args.size, detector_mm=args.detector_mm),
         poses=args.poses, seed=args.seed, max_rotation_deg=args.max_rotation, max_shift_mm=args.max_shift,
         max_depth_mm=args.max_depth, ray_step_mm=args.ray_step, mask_min_mm=args.mask_min_mm, drr_region=args.drr_region,
+        drr_slabs=args.drr_slabs,
     )  # fmt: skip
     result = prepare_drr(
         args.prepared, args.out, params, cases=args.cases, workers=args.workers, progress=not args.quiet,

@@ -51,7 +51,7 @@ from .runner import run_cases
 
 __all__ = [
     "DrrGeometry", "Pose", "AttenuationCurve", "XrayStyle", "DrrParams", "CT_CURVE", "XRAY_CURVE",
-    "make_poses", "rotation_matrix", "hu_channels", "project_volume", "line_integral", "scale_unit",
+    "make_poses", "rotation_matrix", "slab_bounds", "hu_channels", "project_volume", "line_integral", "scale_unit",
     "xray_like", "render_case_arrays", "prepare_drr", "render_case", "PreparedFolderError",
     "SUBDIRS", "NODULE_COLUMNS", "DRR_REGIONS",
 ]  # fmt: skip
@@ -189,6 +189,10 @@ class DrrParams:
             which holds the nodule labels too: a DRR made with it would trace the annotation);
             the isocentre is then the centre of that field, so nothing rendered depends on the
             labels. The X-ray-like stand-in always integrates the whole body.
+        drr_slabs: also render the DRR's region in this many slabs of equal depth along the beam
+            (anterior to posterior thirds for 3), each scaled like the DRR, so that the slabs add
+            up to it (up to its clipping at 1). A nodule then overlaps only the vessels of its own
+            slab. Default 0 (none).
     """
 
     geometry: DrrGeometry = field(default_factory=DrrGeometry)
@@ -201,12 +205,15 @@ class DrrParams:
     mask_min_mm: float = 1.0
     xray: XrayStyle = field(default_factory=XrayStyle)
     drr_region: str = "body"
+    drr_slabs: int = 0
 
     def __post_init__(self):
         if self.drr_region not in DRR_REGIONS:
             raise ValueError(f"drr_region must be one of {', '.join(DRR_REGIONS)}, got {self.drr_region!r}")
         if self.poses < 1:
             raise ValueError(f"poses must be at least 1, got {self.poses}")
+        if not 0 <= self.drr_slabs <= 8:
+            raise ValueError(f"drr_slabs must be 0 (none) to 8, got {self.drr_slabs}")
         if self.ray_step_mm <= 0 or self.mask_min_mm <= 0:
             raise ValueError("ray_step_mm and mask_min_mm must be positive")
 
@@ -443,6 +450,18 @@ def xray_like(channels: np.ndarray, style: XrayStyle = XrayStyle(), rng: np.rand
     return np.clip(np.clip(img, 0.0, 1.0) ** style.gamma, 0.0, 1.0).astype(np.float32)
 
 
+def slab_bounds(field: np.ndarray, slabs: int) -> list[tuple[int, int]]:
+    """``slabs`` consecutive (start, stop) ranges of equal depth along y (anterior -> posterior) that
+    cover the y extent of ``field`` (Z, Y, X); the whole y axis when ``field`` is empty. [] for 0."""
+    if slabs <= 0:
+        return []
+    ys = np.nonzero(field.any(axis=(0, 2)))[0]
+    lo, hi = (int(ys.min()), int(ys.max()) + 1) if len(ys) else (0, field.shape[1])
+    cuts = np.linspace(lo, hi, slabs + 1).round().astype(int)
+    cuts[0], cuts[-1] = 0, field.shape[1]  # the first and last slab reach the volume's edges
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def render_case_arrays(
     hu: np.ndarray, nodules: np.ndarray, lungs: np.ndarray, spacing: Sequence[float], params: DrrParams = DrrParams(),
     *, key: str = "case", lung_field: np.ndarray | None = None,
@@ -461,6 +480,7 @@ def render_case_arrays(
 
     Returns:
         One dict per pose: ``pose`` (:class:`Pose`), ``drr``, ``xray`` (float32 (H, W) in [0, 1]),
+        ``drr_slabs`` (``params.drr_slabs`` float32 (H, W) in [0, 1], anterior first),
         ``nodules``, ``lungs`` (uint8 (H, W) 0/1), ``nodule_stats`` (per label k present in the
         CT mask: ``projected_area_px``, ``centroid_row``, ``centroid_col``), ``drr_scale``.
     """
@@ -486,6 +506,12 @@ def render_case_arrays(
         iso = ((lung_idx.min(0) + lung_idx.max(0)) / 2.0)[::-1]
     else:
         iso = (np.array(hu.shape[::-1]) - 1) / 2.0
+    region = vol[-1] if params.drr_region == "lungs" else channels  # the HU channels the DRR integrates
+    first_slab = sum(v.shape[0] for v in vol)
+    for a, b in slab_bounds(framing, params.drr_slabs):  # coronal slabs of the framing field's depth (y)
+        part = np.zeros_like(region)
+        part[:, :, a:b, :] = region[:, :, a:b, :]
+        vol.append(part)
     vol = np.concatenate(vol)
     labels = [int(k) for k in np.unique(nodules) if k > 0]
     # the nodules are projected from a crop around them (same isocentre, same pose)
@@ -503,6 +529,10 @@ def render_case_arrays(
     for k, pose in enumerate(poses):
         proj = project_volume(vol, spacing, g, pose, iso_index=iso, ray_step_mm=params.ray_step_mm)
         drr, scale = scale_unit(line_integral(proj[3:5] if params.drr_region == "lungs" else proj[:2], CT_CURVE))
+        slabs = [
+            np.clip(line_integral(proj[first_slab + 2 * j : first_slab + 2 * j + 2], CT_CURVE) / scale, 0.0, 1.0).astype(np.float32)
+            for j in range(params.drr_slabs)
+        ]
         rng = np.random.default_rng([int(params.seed), zlib.crc32(key.encode()), k])
         xray = xray_like(proj[:2], params.xray, rng)
         lung2d = (proj[2] >= params.mask_min_mm).astype(np.uint8)
@@ -520,7 +550,7 @@ def render_case_arrays(
                     "centroid_col": round(float(cc.mean()), 2) if len(cc) else "",
                 }
         results.append({"pose": pose, "drr": drr, "xray": xray, "nodules": nod2d, "lungs": lung2d,
-                        "nodule_stats": stats, "drr_scale": scale})  # fmt: skip
+                        "nodule_stats": stats, "drr_scale": scale, "drr_slabs": slabs})  # fmt: skip
     return results
 
 
@@ -591,8 +621,13 @@ def render_case(
                 "label": f"labels/nodules/{sample}.nii.gz", "lung": f"labels/lungs/{sample}.nii.gz",
                 "xray": f"images/xray/{sample}.nii.gz", "drr": f"images/drr/{sample}.nii.gz",
             }  # fmt: skip
-            for key in ("label", "lung", "xray", "drr"):  # the DRR last: it marks the sample finished
-                arr = {"label": res["nodules"], "lung": res["lungs"], "xray": res["xray"], "drr": res["drr"]}[key]
+            arrays = {"label": res["nodules"], "lung": res["lungs"], "xray": res["xray"]}
+            for j, slab in enumerate(res["drr_slabs"]):
+                paths[f"drr_slab{j}"] = f"images/drr_slab{j}/{sample}.nii.gz"
+                arrays[f"drr_slab{j}"] = slab
+            paths["drr"] = paths.pop("drr")  # the DRR last: it marks the sample finished
+            arrays["drr"] = res["drr"]
+            for key, arr in arrays.items():
                 _write_2d(arr, px, Path(out) / paths[key])
             if export_dir:
                 seed_drr, seed_mask = Path(export_dir) / f"{sample}_drr.png", Path(export_dir) / f"{sample}_drr_mask.png"
@@ -608,7 +643,8 @@ def render_case(
             samples.append({
                 "sample": sample, "pose": k, "rotation_deg": list(res["pose"].rotation_deg),
                 "translation_mm": list(res["pose"].translation_mm), "max_diameter_mm": max(visible, default=0.0),
-                "drr_scale": round(res["drr_scale"], 4), "nodules": rows, **{n: paths[n] for n in ("xray", "drr", "label", "lung")},
+                "drr_scale": round(res["drr_scale"], 4), "nodules": rows,
+                **{n: paths[n] for n in ("xray", "drr", "label", "lung", *(f"drr_slab{j}" for j in range(len(res["drr_slabs"]))))},
             })  # fmt: skip
             hidden = [r["label"] for r in rows if r["projected_area_px"] == 0]
             if hidden:
@@ -689,7 +725,7 @@ def prepare_drr(
         if unknown:
             raise PreparedFolderError(f"case(s) {', '.join(unknown)} not in {prepared}/datalist.json")
         entries = [by_id[c] for c in cases]
-    out = prepare_out_dir(out, SUBDIRS)
+    out = prepare_out_dir(out, SUBDIRS + tuple(f"images/drr_slab{j}" for j in range(params.drr_slabs)))
     if export_dir:
         prepare_out_dir(export_dir)
     manifest = Manifest(out / "manifest.json", "drr", params.manifest())
@@ -716,13 +752,15 @@ def _write_tables(out: Path, manifest: Manifest, src_datalist: dict) -> None:
     rows = [row for rec in ok.values() for s in rec["samples"] for row in s["nodules"]]
     write_csv(rows, NODULE_COLUMNS, out / "nodules.csv")
     training = [
-        {"xray": s["xray"], "drr": s["drr"], "label": s["label"], "lung": s["lung"], "fold": rec.get("fold"),
-         "case_id": cid, "patient_id": rec.get("patient_id"), "pose": s["pose"], "max_diameter_mm": s["max_diameter_mm"]}
+        {"xray": s["xray"], "drr": s["drr"], **{k: v for k, v in s.items() if k.startswith("drr_slab")}, "label": s["label"],
+         "lung": s["lung"], "fold": rec.get("fold"), "case_id": cid, "patient_id": rec.get("patient_id"), "pose": s["pose"],
+         "max_diameter_mm": s["max_diameter_mm"]}
         for cid, rec in ok.items() for s in rec["samples"]
     ]  # fmt: skip
     datalist = {
         "description": "DRR set by data_prep drr: drr = DRR of the CT, xray = X-ray-like rendering of the same CT "
-        "(a stand-in, not a radiograph), label = projected nodules, lung = projected lung field; folds from the prepared datalist",
+        "(a stand-in, not a radiograph), drr_slab<k> (with --drr-slabs) = the DRR's region in depth slab k, anterior first, "
+        "label = projected nodules, lung = projected lung field; folds from the prepared datalist",
         "n_folds": src_datalist.get("n_folds"),
         "fold_seed": src_datalist.get("fold_seed"),
         "numTraining": len(training),

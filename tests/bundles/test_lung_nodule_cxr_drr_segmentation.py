@@ -261,7 +261,9 @@ def test_init_checkpoint_without_drr_skips_widens_into_a_skip_network(tmp_path):
         x = torch.randn(2, 2, 64, 64)
         with torch.no_grad():
             assert torch.allclose(dst(x), src(x), atol=1e-6)
-        for key in scripts.network.DRR_SKIP_INPUTS:  # old inputs copied, the DRR's new ones zero
+        widened = [k for k in scripts.network.WIDENABLE_INPUTS if src.state_dict()[k].shape != dst.state_dict()[k].shape]
+        assert len(widened) == 6 and all(k.startswith("decoder.") for k in widened)  # the attention path keeps its input
+        for key in widened:  # old inputs copied, the DRR's new ones zero
             old, new = src.state_dict()[key], dst.state_dict()[key]
             assert new.shape[1] > old.shape[1]
             assert torch.equal(new[:, : old.shape[1]], old) and not new[:, old.shape[1] :].any()
@@ -685,3 +687,61 @@ def test_torchrun_two_processes_train_one_epoch_to_a_checkpoint(trained, tmp_pat
     sd = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert "backbone.conv1.weight" in sd and not any(k.startswith("module.") for k in sd)  # plain state dict, DDP unwrapped
     assert_ddp_released_before_exit(proc.stdout)
+
+
+def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tmp_path):
+    """drr_slab_keys: the configs load, scale, crop and stack the slab files after the DRR (4 channels for 2 slabs);
+    a checkpoint trained without slabs loads with zero weights for them (same output whatever the slabs hold); a set
+    or a pair without the slab files is refused by name."""
+    from monai.bundle import ConfigParser
+
+    root = make_drr_set(tmp_path / "set", 4, [0, 1])
+    dl = json.loads((root / "datalist.json").read_text())
+    for item in dl["training"]:
+        drr = sitk.GetArrayFromImage(sitk.ReadImage(str(root / item["drr"])))
+        for j, part in enumerate((0.3 * drr, 0.7 * drr)):
+            item[f"drr_slab{j}"] = f"images/drr_slab{j}/{Path(item['drr']).name}"
+            _write(part.astype(np.float32), root / item[f"drr_slab{j}"])
+    (root / "datalist.json").write_text(json.dumps(dl))
+    slab_keys = ["drr_slab0", "drr_slab1"]
+    with bundle_scripts(BUNDLE) as scripts:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "train.json"))
+        parser.update({"dataset_dir": str(root), "image_size": SIZE, "num_workers": 0, "drr_slab_keys": slab_keys,
+                       "backbone_width": 8, "attention_channels": [8, 8, 8, 8, 8], "decoder_channels": [16, 16, 8, 8, 8, 8],
+                       "train_patch_size": 32, "train_patches_per_image": 2})  # fmt: skip
+        val = parser.get_parsed_content("validate#preprocessing")(scripts.io.read_datalist(root / "datalist.json", folds=0)[0])
+        assert val["image"].shape == (4, SIZE, SIZE)
+        assert torch.allclose(val["image"][2], val["image"][3], atol=1e-5)  # each slab scaled to drr_range like the DRR
+        assert torch.allclose(val["image"][2], val["image"][1], atol=1e-5)
+        patches = parser.get_parsed_content("train#preprocessing")(scripts.io.read_datalist(root / "datalist.json", folds=1)[0])
+        assert len(patches) == 2 and all(p["image"].shape == (4, 32, 32) and p["label"].shape == (1, 32, 32) for p in patches)
+        net = parser.get_parsed_content("network_def")
+        assert net.attention.stem[0].weight.shape[1] == 3  # DRR + 2 slabs
+        # a two-channel checkpoint widens into the slab network (and into one with DRR skips)
+        kw = dict(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        torch.manual_seed(4)
+        src = scripts.network.CxrDrrFusionNet(**kw).eval()
+        torch.save(src.state_dict(), tmp_path / "two.pt")
+        x = torch.randn(1, 4, SIZE, SIZE)
+        for skips in (False, True):
+            wide = scripts.network.CxrDrrFusionNet(in_channels=4, drr_skips=skips, **kw)
+            scripts.network.load_init_checkpoint(wide, str(tmp_path / "two.pt"))
+            wide.eval()
+            with torch.no_grad():
+                y = wide(x)
+                x2 = x.clone()
+                x2[:, 2:] = torch.randn(1, 2, SIZE, SIZE)
+                assert torch.equal(wide(x2), y)
+                if not skips:
+                    assert torch.allclose(y, src(x[:, :2]), atol=1e-6)
+        # inference: the slab keys come from the datalist or from --drr_slab_paths
+        items = scripts.io.inference_items(None, None, str(root / "datalist.json"), 0, None, slab_keys)
+        assert set(items[0]) == {"xray", "drr", *slab_keys} and os.path.isabs(items[0]["drr_slab1"])
+        bare = make_drr_set(tmp_path / "bare", 2, [0])
+        with pytest.raises(scripts.io.InputError, match="bare/datalist.json.*no drr_slab0, drr_slab1.*--drr-slabs"):
+            scripts.io.inference_items(None, None, str(bare / "datalist.json"), None, None, slab_keys)
+        with pytest.raises(scripts.io.InputError, match="takes 2 DRR slab.*gave 1"):
+            scripts.io.inference_items("x.png", "d.png", None, None, ["s0.png"], slab_keys)
+        one = scripts.io.inference_items("x.png", "d.png", None, None, ["s0.png", "s1.png"], slab_keys)
+        assert one == [{"xray": "x.png", "drr": "d.png", "drr_slab0": "s0.png", "drr_slab1": "s1.png"}]

@@ -221,8 +221,8 @@ def read_datalist(path: str | os.PathLike, folds: Sequence[int] | int | None = N
         if (keep is not None and fold not in keep) or (drop is not None and fold in drop):
             continue
         d = dict(item)
-        for k in ("xray", "drr", "label", "lung"):
-            if k in d and isinstance(d[k], str) and not os.path.isabs(d[k]):
+        for k in [k for k in d if k in ("xray", "drr", "label", "lung") or k.startswith("drr_slab")]:
+            if isinstance(d[k], str) and not os.path.isabs(d[k]):
                 d[k] = str(path.parent / d[k])
         dia = d.get("max_diameter_mm")
         d["max_diameter_mm"] = 0.0 if dia is None or (isinstance(dia, float) and math.isnan(dia)) else float(dia)
@@ -232,7 +232,10 @@ def read_datalist(path: str | os.PathLike, folds: Sequence[int] | int | None = N
     return out
 
 
-def inference_items(xray: str | None, drr: str | None, datalist: str | None = None, folds: Sequence[int] | int | None = None) -> list[dict]:
+def inference_items(
+    xray: str | None, drr: str | None, datalist: str | None = None, folds: Sequence[int] | int | None = None,
+    drr_slabs: Sequence[str] | None = None, slab_keys: Sequence[str] = (),
+) -> list[dict]:  # fmt: skip
     """The pairs to segment: one (``xray``, ``drr``) pair, or the pairs of a datalist's folds.
 
     Args:
@@ -240,12 +243,25 @@ def inference_items(xray: str | None, drr: str | None, datalist: str | None = No
         drr: DRR file of the same patient, or None when ``datalist`` is given.
         datalist: a DRR-set ``datalist.json``. Default None.
         folds: folds of ``datalist`` to take. Default None (all).
+        drr_slabs: with one pair and a network trained on DRR slabs: the slab files, in the order of
+            ``slab_keys``. Default None.
+        slab_keys: the DRR slab keys the network takes (``drr_slab_keys``). Default none.
     """
+    slab_keys = list(slab_keys or [])
     if datalist:
-        return [{"xray": d["xray"], "drr": d["drr"]} for d in read_datalist(datalist, folds=folds)]
+        items = []
+        for d in read_datalist(datalist, folds=folds):
+            missing = [k for k in slab_keys if k not in d]
+            if missing:
+                raise InputError(f"{datalist}: the pair {d['xray']} has no {', '.join(missing)} (render the set with `data_prep drr --drr-slabs`)")
+            items.append({k: d[k] for k in ["xray", "drr", *slab_keys]})
+        return items
     if not xray or not drr:
         raise InputError("give both --xray_path and --drr_path (or --input_datalist)")
-    return [{"xray": str(xray), "drr": str(drr)}]
+    slabs = list(drr_slabs or [])
+    if len(slabs) != len(slab_keys):
+        raise InputError(f"the network takes {len(slab_keys)} DRR slab(s) ({', '.join(slab_keys) or 'none'}); --drr_slab_paths gave {len(slabs)}")
+    return [{"xray": str(xray), "drr": str(drr), **{k: str(p) for k, p in zip(slab_keys, slabs)}}]
 
 
 def _resize_to(x: torch.Tensor, shape: Sequence[int], mode: str) -> np.ndarray:

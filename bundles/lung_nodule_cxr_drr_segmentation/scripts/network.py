@@ -7,6 +7,8 @@ The network is a plain ``(B, 2, H, W) -> (B, 1 + S, H, W)`` module so that ``ver
 
 - input channel 0: the X-ray, scaled to [-1024, 1024] (torchxrayvision's convention);
 - input channel 1: the DRR of the patient's CT, scaled to [0, 1];
+- input channels 2..: optional DRR slabs (``data_prep drr --drr-slabs``: the DRR's region in depth
+  slabs along the beam, anterior first), scaled like the DRR; the attention path sees channels 1..;
 - output channel 0: nodule logit at full resolution;
 - output channels 1..S: the attention logits of the S fusion scales (1/4, 1/8, 1/16, 1/32 by
   default), each nearest-upsampled to full resolution. Supervising a nearest-upsampled coarse map
@@ -37,7 +39,7 @@ __all__ = [
     "load_xrv_weights",
     "map_torchvision_resnet_keys",
     "param_groups",
-    "widen_for_drr_skips",
+    "widen_inputs",
 ]
 
 # optimizer parameter groups, in the order ``param_groups`` returns them (names are module prefixes)
@@ -154,7 +156,7 @@ class CxrDrrFusionNet(nn.Module):
     """Nodule segmentation on a chest X-ray guided by a DRR of the patient's CT.
 
     Args:
-        in_channels: input channels, must be 2 (X-ray, DRR). Default 2.
+        in_channels: input channels: 2 (X-ray, DRR) plus the number of DRR slabs, if any. Default 2.
         backbone_width: channels of the ResNet-50 stem; the bottleneck stages use width x (1, 2, 4, 8)
             and output 4x that. 64 is torchvision's / torchxrayvision's ResNet-50 (needed for
             ``xrv_weights``); smaller widths keep the same [3, 4, 6, 3] bottleneck layout. Default 64.
@@ -189,8 +191,8 @@ class CxrDrrFusionNet(nn.Module):
         drr_skips: bool = False,
     ) -> None:
         super().__init__()
-        if in_channels != 2:
-            raise ValueError(f"CxrDrrFusionNet takes 2 input channels (X-ray, DRR), got in_channels={in_channels}.")
+        if in_channels < 2:
+            raise ValueError(f"CxrDrrFusionNet takes at least 2 input channels (X-ray, DRR[, DRR slabs]), got in_channels={in_channels}.")
         if len(attention_channels) != 5 or len(decoder_channels) != 6:
             raise ValueError("attention_channels needs 5 entries (1/2..1/32), decoder_channels 6 (1/32..1/1).")
         w = int(backbone_width)
@@ -204,13 +206,13 @@ class CxrDrrFusionNet(nn.Module):
         nn.init.zeros_(self.prior.weight)
         nn.init.zeros_(self.prior.bias)
         self.prior.requires_grad_(False)
-        self.attention = MultiScaleAttention(1, attention_channels)
+        self.attention = MultiScaleAttention(in_channels - 1, attention_channels)
         self.fusion = nn.ParameterDict({"alpha": nn.Parameter(torch.full((4,), float(fusion_alpha)))})
         d = list(decoder_channels)
         self.drr_skips = as_flag(drr_skips, "drr_skips")
         # extra decoder inputs from the DRR path: refined 1/4..1/32, stem 1/2, the input images at 1/1
         a = list(attention_channels) if self.drr_skips else [0] * 5
-        full = 2 if self.drr_skips else 0
+        full = in_channels if self.drr_skips else 0
         self.decoder = nn.ModuleDict(
             {
                 "bottleneck": nn.Sequential(
@@ -231,9 +233,9 @@ class CxrDrrFusionNet(nn.Module):
             load_xrv_weights(self, xrv_weights, pathology_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 2, H, W) -> (B, 5, H, W): nodule logit, then attention logits at 1/4, 1/8, 1/16, 1/32 (upsampled)."""
+        """(B, in_channels, H, W) -> (B, 5, H, W): nodule logit, then attention logits at 1/4, 1/8, 1/16, 1/32 (upsampled)."""
         xray = x[:, 0:1]
-        drr = x[:, 1:2]
+        drr = x[:, 1:]
         drr_stem, drr_feats, att = self.attention.features(drr)
         alpha = self.fusion["alpha"]
         b = self.backbone
@@ -375,23 +377,24 @@ def param_groups(net: nn.Module, lr: float, backbone_lr: float, weight_decay: fl
     return out
 
 
-# decoder convolutions whose input grows by the DRR path's channels when ``drr_skips`` is on
-DRR_SKIP_INPUTS = (
-    "decoder.bottleneck.0.weight", "decoder.up16.conv.0.0.weight", "decoder.up8.conv.0.0.weight",
+# convolutions whose input grows when ``drr_skips`` is turned on (the decoder's) or DRR slab channels are
+# added (the attention path's stem; with ``drr_skips`` also the decoder's full-resolution input)
+WIDENABLE_INPUTS = (
+    "attention.stem.0.weight", "decoder.bottleneck.0.weight", "decoder.up16.conv.0.0.weight", "decoder.up8.conv.0.0.weight",
     "decoder.up4.conv.0.0.weight", "decoder.up2.conv.0.0.weight", "decoder.up1.conv.0.0.weight",
 )  # fmt: skip
 
 
-def widen_for_drr_skips(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fit a checkpoint of a network without ``drr_skips`` to one with them (``own``: its state dict).
+def widen_inputs(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fit a checkpoint to a network with more inputs (``own``: its state dict): ``drr_skips`` turned on, DRR slabs added.
 
-    The DRR features are concatenated after the X-ray skips, so each decoder convolution of
-    ``DRR_SKIP_INPUTS`` gets zero weights for its new, trailing input channels: the widened network
-    computes exactly what the checkpoint did, and training then learns how much of the DRR features
-    to use. Weights that already fit (a ``drr_skips`` checkpoint) are returned unchanged.
+    New inputs are always appended (the DRR path's features after the X-ray skips, the slab channels
+    after the DRR), so each convolution of ``WIDENABLE_INPUTS`` gets zero weights for its new, trailing
+    input channels: the widened network computes exactly what the checkpoint did, and training then
+    learns how much of the new inputs to use. Weights that already fit are returned unchanged.
     """
     out = dict(state_dict)
-    for key in DRR_SKIP_INPUTS:
+    for key in WIDENABLE_INPUTS:
         if key not in out or key not in own:
             continue
         w, want = out[key], own[key]
@@ -409,7 +412,7 @@ def load_init_checkpoint(net: nn.Module, path: str | None) -> nn.Module:
 
     A plain state dict or one under ``"model"`` (an ignite checkpoint), loaded weights-only into the
     network (a DDP wrapper is unwrapped); every key and shape must fit ``network_def``, except that
-    a checkpoint without ``drr_skips`` loads into a network with them (:func:`widen_for_drr_skips`).
+    a checkpoint without ``drr_skips`` or DRR slabs loads into a network with them (:func:`widen_inputs`).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -426,8 +429,7 @@ def load_init_checkpoint(net: nn.Module, path: str | None) -> nn.Module:
     if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
     target = getattr(net, "module", net)
-    if getattr(target, "drr_skips", False):
-        sd = widen_for_drr_skips(sd, target.state_dict())
+    sd = widen_inputs(sd, target.state_dict())
     try:
         target.load_state_dict(sd)
     except RuntimeError as e:
