@@ -625,8 +625,7 @@ def render_case(
             for j, slab in enumerate(res["drr_slabs"]):
                 paths[f"drr_slab{j}"] = f"images/drr_slab{j}/{sample}.nii.gz"
                 arrays[f"drr_slab{j}"] = slab
-            paths["drr"] = paths.pop("drr")  # the DRR last: it marks the sample finished
-            arrays["drr"] = res["drr"]
+            arrays["drr"] = res["drr"]  # the DRR last: it marks the sample finished
             for key, arr in arrays.items():
                 _write_2d(arr, px, Path(out) / paths[key])
             if export_dir:

@@ -739,6 +739,11 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
         items = scripts.io.inference_items(None, None, str(root / "datalist.json"), 0, None, slab_keys)
         assert set(items[0]) == {"xray", "drr", *slab_keys} and os.path.isabs(items[0]["drr_slab1"])
         bare = make_drr_set(tmp_path / "bare", 2, [0])
+        entry = scripts.io.read_datalist(bare / "datalist.json")[0]
+        with pytest.raises(Exception) as err:  # training/evaluation on a set without slabs (MONAI wraps the error)
+            parser.get_parsed_content("validate#preprocessing")(entry)
+        chain = [err.value, err.value.__cause__, err.value.__context__]
+        assert any(isinstance(e, scripts.io.InputError) and "case000_p0.nii.gz: no drr_slab0, drr_slab1 in its datalist entry" in str(e) for e in chain)
         with pytest.raises(scripts.io.InputError, match="bare/datalist.json.*no drr_slab0, drr_slab1.*--drr-slabs"):
             scripts.io.inference_items(None, None, str(bare / "datalist.json"), None, None, slab_keys)
         with pytest.raises(scripts.io.InputError, match="takes 2 DRR slab.*gave 1"):

@@ -147,6 +147,9 @@ class LoadRadiographd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
+        missing = [] if self.allow_missing_keys else [k for k in self.keys if k not in d]
+        if missing:  # e.g. drr_slab_keys set for a DRR set rendered without --drr-slabs
+            raise InputError(f"{d.get('xray', d.get('drr', 'a datalist entry'))}: no {', '.join(map(str, missing))} in its datalist entry")
         for key in self.key_iterator(d):
             arr, info = read_radiograph(d[key])
             if self.binary:
