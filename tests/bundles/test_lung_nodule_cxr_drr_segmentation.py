@@ -699,7 +699,7 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
     dl = json.loads((root / "datalist.json").read_text())
     for item in dl["training"]:
         drr = sitk.GetArrayFromImage(sitk.ReadImage(str(root / item["drr"])))
-        for j, part in enumerate((0.3 * drr, 0.7 * drr)):
+        for j, part in enumerate((0.3 * drr, np.fliplr(drr))):  # slab 1 mirrored: a mix-up of files shows
             item[f"drr_slab{j}"] = f"images/drr_slab{j}/{Path(item['drr']).name}"
             _write(part.astype(np.float32), root / item[f"drr_slab{j}"])
     (root / "datalist.json").write_text(json.dumps(dl))
@@ -712,8 +712,9 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
                        "train_patch_size": 32, "train_patches_per_image": 2})  # fmt: skip
         val = parser.get_parsed_content("validate#preprocessing")(scripts.io.read_datalist(root / "datalist.json", folds=0)[0])
         assert val["image"].shape == (4, SIZE, SIZE)
-        assert torch.allclose(val["image"][2], val["image"][3], atol=1e-5)  # each slab scaled to drr_range like the DRR
-        assert torch.allclose(val["image"][2], val["image"][1], atol=1e-5)
+        assert torch.allclose(val["image"][2], val["image"][1], atol=1e-5)  # each slab scaled to drr_range like the DRR
+        assert torch.allclose(val["image"][3], val["image"][1].flip(-1), atol=1e-5)  # the second slab's own file, in order
+        assert not torch.allclose(val["image"][3], val["image"][1], atol=1e-3)
         patches = parser.get_parsed_content("train#preprocessing")(scripts.io.read_datalist(root / "datalist.json", folds=1)[0])
         assert len(patches) == 2 and all(p["image"].shape == (4, 32, 32) and p["label"].shape == (1, 32, 32) for p in patches)
         net = parser.get_parsed_content("network_def")
