@@ -248,6 +248,28 @@ def test_init_checkpoint_fine_tunes_from_saved_weights_and_names_bad_files(tmp_p
             scripts.network.load_init_checkpoint(scripts.network.CxrDrrFusionNet(**wide, drr_skips=True), str(tmp_path / "ckpt.pt"))
 
 
+def test_init_checkpoint_exclude_keeps_the_fresh_attention_path(tmp_path):
+    """init_exclude: the excluded modules keep the new network's own initialization (also with new slab inputs), the rest is the checkpoint's; a prefix matching nothing is refused."""
+    with bundle_scripts(BUNDLE) as scripts:
+        kw = dict(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        torch.manual_seed(4)
+        src = scripts.network.CxrDrrFusionNet(**kw)
+        torch.save(src.state_dict(), tmp_path / "plain.pt")
+        torch.manual_seed(5)
+        dst = scripts.network.CxrDrrFusionNet(**kw, in_channels=5)  # three slab channels: the stem is wider
+        fresh = {k: v.clone() for k, v in dst.state_dict().items()}
+        scripts.network.load_init_checkpoint(dst, str(tmp_path / "plain.pt"), ["attention."])
+        got, ckpt = dst.state_dict(), src.state_dict()
+        att = [k for k in got if k.startswith("attention.")]
+        assert att and all(torch.equal(got[k], fresh[k]) for k in att)
+        assert got["attention.stem.0.weight"][:, 1:].abs().sum() > 0  # slab inputs weighted from the start, not zero
+        rest = [k for k in got if not k.startswith("attention.")]
+        assert all(torch.equal(got[k], ckpt[k]) for k in rest)
+        assert not torch.equal(fresh["decoder.head.weight"], ckpt["decoder.head.weight"])  # so loading the rest is seen
+        with pytest.raises(ValueError, match="'atention.' matches no weight"):
+            scripts.network.load_init_checkpoint(dst, str(tmp_path / "plain.pt"), ["atention."])
+
+
 def test_init_checkpoint_without_drr_skips_widens_into_a_skip_network(tmp_path):
     """A checkpoint without drr_skips loads into a drr_skips network: same outputs at the start (new inputs zero), and training moves the new weights so the DRR reaches the decoder."""
     with bundle_scripts(BUNDLE) as scripts:

@@ -407,19 +407,30 @@ def widen_inputs(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch
     return out
 
 
-def load_init_checkpoint(net: nn.Module, path: str | None) -> nn.Module:
+def load_init_checkpoint(net: nn.Module, path: str | None, exclude: Sequence[str] = ()) -> nn.Module:
     """Fine-tuning: start from the weights in ``path`` (e.g. the shipped ``models/model.pt``); no-op when empty.
 
     A plain state dict or one under ``"model"`` (an ignite checkpoint), loaded weights-only into the
     network (a DDP wrapper is unwrapped); every key and shape must fit ``network_def``, except that
     a checkpoint without ``drr_skips`` or DRR slabs loads into a network with them (:func:`widen_inputs`).
 
+    Args:
+        exclude: key prefixes (e.g. ``["attention."]``) whose weights are not loaded: those modules
+            keep the network's fresh initialization (train them again, e.g. with new input channels).
+
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: not a weights-only state dict, or it does not fit the network.
+        ValueError: not a weights-only state dict, it does not fit the network, or a prefix of
+            ``exclude`` matches none of the network's keys.
     """
     if not path:
         return net
+    exclude = tuple(exclude or ())
+    target = getattr(net, "module", net)
+    own = target.state_dict()
+    for prefix in exclude:
+        if not any(k.startswith(prefix) for k in own):
+            raise ValueError(f"init_exclude {prefix!r} matches no weight of network_def (keys start e.g. with 'attention.', 'decoder.', 'backbone.')")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"init_checkpoint {path}: no such file")
     try:
@@ -428,8 +439,9 @@ def load_init_checkpoint(net: nn.Module, path: str | None) -> nn.Module:
         raise ValueError(f"init_checkpoint {path}: not a weights-only state dict ({type(e).__name__})") from None
     if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
-    target = getattr(net, "module", net)
-    sd = widen_inputs(sd, target.state_dict())
+    sd = widen_inputs(sd, own)
+    if exclude:
+        sd = {k: (own[k] if k.startswith(exclude) else v) for k, v in sd.items()}
     try:
         target.load_state_dict(sd)
     except RuntimeError as e:
