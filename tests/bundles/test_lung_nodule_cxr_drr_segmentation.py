@@ -266,6 +266,10 @@ def test_init_checkpoint_exclude_keeps_the_fresh_attention_path(tmp_path):
         rest = [k for k in got if not k.startswith("attention.")]
         assert all(torch.equal(got[k], ckpt[k]) for k in rest)
         assert not torch.equal(fresh["decoder.head.weight"], ckpt["decoder.head.weight"])  # so loading the rest is seen
+        dst2 = scripts.network.CxrDrrFusionNet(**kw, in_channels=5)
+        scripts.network.load_init_checkpoint(dst2, str(tmp_path / "plain.pt"), "attention.")  # one prefix as a plain string
+        assert torch.equal(dst2.state_dict()["decoder.head.weight"], ckpt["decoder.head.weight"])
+        assert not torch.equal(dst2.state_dict()["attention.stem.0.weight"][:, :1], ckpt["attention.stem.0.weight"])
         with pytest.raises(ValueError, match="'atention.' matches no weight"):
             scripts.network.load_init_checkpoint(dst, str(tmp_path / "plain.pt"), ["atention."])
 

@@ -425,7 +425,7 @@ def load_init_checkpoint(net: nn.Module, path: str | None, exclude: Sequence[str
     """
     if not path:
         return net
-    exclude = tuple(exclude or ())
+    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())  # --init_exclude attention. is one prefix
     target = getattr(net, "module", net)
     own = target.state_dict()
     for prefix in exclude:
