@@ -440,8 +440,8 @@ def load_init_checkpoint(net: nn.Module, path: str | None, exclude: Sequence[str
     if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
         sd = sd["model"]
     sd = widen_inputs(sd, own)
-    if exclude:
-        sd = {k: (own[k] if k.startswith(exclude) else v) for k, v in sd.items()}
+    if exclude:  # the excluded weights come from the network itself, whether the checkpoint has them or not
+        sd = {**{k: v for k, v in sd.items() if not k.startswith(exclude)}, **{k: v for k, v in own.items() if k.startswith(exclude)}}
     try:
         target.load_state_dict(sd)
     except RuntimeError as e:
