@@ -370,6 +370,42 @@ def test_phases_handler_freezes_groups_and_switches_loss_weights():
         assert lrs["backbone.layer4"] == 1e-4 and lrs["backbone.layer1"] == 0.0 and lrs["backbone.stem"] == 0.0
 
 
+def test_lr_schedule_decays_training_groups_across_phases():
+    """lr_schedule cosine / poly: the training groups' rates follow base_lr times the decay at every
+    iteration, across a phase switch, frozen groups stay at 0, and an unknown schedule is refused."""
+    import math
+
+    from ignite.engine import Engine, Events
+
+    with bundle_scripts(BUNDLE) as scripts:
+        for schedule, expected in (("cosine", lambda t: 0.5 * (1 + math.cos(math.pi * t))), ("poly", lambda t: (1 - t) ** 0.9)):
+            net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+            opt = torch.optim.AdamW(scripts.network.param_groups(net, lr=1e-3, backbone_lr=1e-4))
+            phases = [
+                {"name": "warmup", "start_epoch": 1, "trainable": ["attention"]},
+                {"name": "joint", "start_epoch": 2, "trainable": ["attention", "decoder", "backbone.layer4"]},
+            ]
+            handler = scripts.phases.TrainingPhases(net, opt, scripts.losses.FusionSegLoss(), phases, lr_schedule=schedule)
+            engine = Engine(lambda e, b: {g["name"]: g["lr"] for g in opt.param_groups})
+            handler.attach(engine)
+            seen = []
+            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(dict(e.state.output)))
+            engine.run(list(range(5)), max_epochs=4)  # 20 iterations
+            assert len(seen) == 20
+            for i, lrs in enumerate(seen):
+                f = expected(i / 20)
+                assert math.isclose(lrs["attention"], 1e-3 * f, rel_tol=1e-9, abs_tol=1e-15)
+                assert lrs["backbone.layer1"] == 0.0 and lrs["fusion"] == 0.0
+                if i < 5:  # first epoch: decoder and layer4 frozen
+                    assert lrs["decoder"] == 0.0 and lrs["backbone.layer4"] == 0.0
+                else:
+                    assert math.isclose(lrs["decoder"], 1e-3 * f, rel_tol=1e-9, abs_tol=1e-15)
+                    assert math.isclose(lrs["backbone.layer4"], 1e-4 * f, rel_tol=1e-9, abs_tol=1e-15)
+            assert seen[-1]["attention"] < 0.1 * seen[0]["attention"]  # decayed to near zero by the end
+        with pytest.raises(ValueError, match="lr_schedule"):
+            scripts.phases.TrainingPhases(net, opt, scripts.losses.FusionSegLoss(), phases, lr_schedule="step")
+
+
 def test_patch_sampling_crops_nodule_centred_patches_for_training(tmp_path):
     """train_patch_size / train_patches_per_image / train_positive_fraction: the training set yields that many patches per pair, of that size, all on the nodule at fraction 1; validation keeps whole images."""
     from monai.bundle import ConfigParser

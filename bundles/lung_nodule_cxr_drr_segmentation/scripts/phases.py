@@ -4,13 +4,32 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
 from ignite.engine import Engine, Events
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["TrainingPhases"]
+__all__ = ["TrainingPhases", "lr_factor"]
+
+LR_SCHEDULES = ("constant", "cosine", "poly")
+
+
+def lr_factor(schedule: str, progress: float) -> float:
+    """Multiplier of the base learning rates at ``progress`` (0 at the first iteration, 1 after the last).
+
+    ``constant``: 1. ``cosine``: ``0.5 * (1 + cos(pi * progress))``. ``poly``: ``(1 - progress) ** 0.9``
+    (nnU-Net's decay).
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    t = min(max(float(progress), 0.0), 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule == "poly":
+        return (1.0 - t) ** 0.9
+    return 1.0
 
 
 def _freeze_stats_of_frozen_norm(module: _BatchNorm, args) -> None:
@@ -27,7 +46,11 @@ class TrainingPhases:
     ``seg_scale`` (multiplier of the mask losses; 0 in the attention warm-up) and
     ``attention_weight``. Parameters outside ``trainable`` get ``requires_grad=False`` and an optimizer
     group none of whose parameters trains gets learning rate 0 (exact freezing, also under DDP);
-    the others get back their ``base_lr``. The frozen prior head is never touched.
+    the others get their ``base_lr`` times the schedule's factor. The frozen prior head is never touched.
+
+    ``lr_schedule`` decays the learning rates of the training groups over the whole run, across phases,
+    set before every iteration: ``constant`` (no decay, the recipe up to 0.7.x), ``cosine`` or ``poly``
+    (see ``lr_factor``); the run's length is the engine's ``max_epochs`` times its epoch length.
 
     A BatchNorm layer whose own weights are frozen also keeps its running statistics: a forward
     pre-hook puts it in eval mode while its weights do not train (the trainer calls ``network.train()``
@@ -38,9 +61,16 @@ class TrainingPhases:
         optimizer: optimizer built from ``scripts.network.param_groups``.
         loss: the ``FusionSegLoss`` whose ``seg_scale`` / ``attention_weight`` are set.
         phases: the phases, any order; the first must start at epoch 1.
+        lr_schedule: ``constant`` (default), ``cosine`` or ``poly``.
     """
 
-    def __init__(self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.nn.Module, phases: Sequence[Mapping]) -> None:
+    def __init__(
+        self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.nn.Module, phases: Sequence[Mapping],
+        lr_schedule: str = "constant",
+    ) -> None:
+        lr_factor(lr_schedule, 0.0)  # refuses an unknown schedule before training starts
+        self.lr_schedule = lr_schedule
+        self.factor = 1.0
         self.network = getattr(network, "module", network)
         self.optimizer = optimizer
         self.loss = loss
@@ -55,8 +85,19 @@ class TrainingPhases:
                 m._frozen_stats_hook = True
 
     def attach(self, engine: Engine) -> None:
-        """Apply the phase of each epoch when it starts."""
+        """Apply the phase of each epoch when it starts, and the learning-rate schedule before each iteration."""
         engine.add_event_handler(Events.EPOCH_STARTED, self)
+        if self.lr_schedule != "constant":
+            engine.add_event_handler(Events.ITERATION_STARTED, self.schedule)
+
+    def schedule(self, engine: Engine) -> None:
+        """Set the training groups' learning rates to ``base_lr`` times the schedule's factor."""
+        epoch_length = engine.state.epoch_length or 1
+        total = max(int(engine.state.max_epochs or 1) * epoch_length, 1)
+        self.factor = lr_factor(self.lr_schedule, (engine.state.iteration - 1) / total)
+        for group in self.optimizer.param_groups:
+            if group.get("_trains", True):
+                group["lr"] = group.get("base_lr", group["lr"]) * self.factor
 
     def phase_for(self, epoch: int) -> dict:
         """The phase in force at ``epoch`` (1-based)."""
@@ -84,7 +125,8 @@ class TrainingPhases:
             by_param[id(p)] = on
         for group in self.optimizer.param_groups:
             on = any(by_param.get(id(p), False) for p in group["params"])
-            group["lr"] = group.get("base_lr", group["lr"]) if on else 0.0
+            group["_trains"] = on
+            group["lr"] = group.get("base_lr", group["lr"]) * self.factor if on else 0.0
         if "seg_scale" in phase:
             self.loss.seg_scale = float(phase["seg_scale"])
         if "attention_weight" in phase:
