@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     update = {
         "bundle_root": str(BUNDLE), "dataset_dir": args.dataset_dir, "image_size": args.image_size, "num_workers": 0,
         "output_dir": args.out, "drr_slab_keys": SLABS if max(c for _, c in members) > 2 else [], "network": ensemble,
-        # the members' weights are loaded above: only the per-image metrics handler stays
-        "validate#handlers": [{"_target_": "scripts.handlers.PerImageMetrics", "output_dir": "@output_dir", "size_threshold_mm": 10.0}],
+        # the members' weights are loaded above: evaluate.json's handlers without its CheckpointLoader
+        "validate#handlers": [h for h in config["validate#handlers"] if h.get("_target_") != "CheckpointLoader"],
     }
     if args.fold == "all":
         update["validate#dataset#data"] = "$scripts.io.read_datalist(@datalist)"

@@ -46,7 +46,7 @@ class TrainingPhases:
     ``seg_scale`` (multiplier of the mask losses; 0 in the attention warm-up) and
     ``attention_weight``. Parameters outside ``trainable`` get ``requires_grad=False`` and an optimizer
     group none of whose parameters trains gets learning rate 0 (exact freezing, also under DDP);
-    the others get their ``base_lr`` times the schedule's factor. The frozen prior head is never touched.
+    the others get back their ``base_lr`` (times the schedule's factor, below). The frozen prior head is never touched.
 
     ``lr_schedule`` decays the learning rates of the training groups over the whole run, across phases,
     set before every iteration: ``constant`` (no decay, the recipe up to 0.7.x), ``cosine`` or ``poly``
@@ -70,7 +70,6 @@ class TrainingPhases:
     ) -> None:
         lr_factor(lr_schedule, 0.0)  # refuses an unknown schedule before training starts
         self.lr_schedule = lr_schedule
-        self.factor = 1.0
         self.network = getattr(network, "module", network)
         self.optimizer = optimizer
         self.loss = loss
@@ -94,10 +93,10 @@ class TrainingPhases:
         """Set the training groups' learning rates to ``base_lr`` times the schedule's factor."""
         epoch_length = engine.state.epoch_length or 1
         total = max(int(engine.state.max_epochs or 1) * epoch_length, 1)
-        self.factor = lr_factor(self.lr_schedule, (engine.state.iteration - 1) / total)
+        factor = lr_factor(self.lr_schedule, (engine.state.iteration - 1) / total)
         for group in self.optimizer.param_groups:
-            if group.get("_trains", True):
-                group["lr"] = group.get("base_lr", group["lr"]) * self.factor
+            if any(p.requires_grad for p in group["params"]):  # frozen groups keep lr 0
+                group["lr"] = group.get("base_lr", group["lr"]) * factor
 
     def phase_for(self, epoch: int) -> dict:
         """The phase in force at ``epoch`` (1-based)."""
@@ -125,8 +124,7 @@ class TrainingPhases:
             by_param[id(p)] = on
         for group in self.optimizer.param_groups:
             on = any(by_param.get(id(p), False) for p in group["params"])
-            group["_trains"] = on
-            group["lr"] = group.get("base_lr", group["lr"]) * self.factor if on else 0.0
+            group["lr"] = group.get("base_lr", group["lr"]) if on else 0.0
         if "seg_scale" in phase:
             self.loss.seg_scale = float(phase["seg_scale"])
         if "attention_weight" in phase:
