@@ -11,6 +11,11 @@ maps) is the mean or the maximum of the members' sigmoid outputs, passed on as i
 evaluation config thresholds it at ``mask_threshold`` as for one network. ``--fold all`` evaluates
 every pair of the datalist (the new draw). Writes ``per_image.csv`` and ``metrics.csv`` to OUT,
 exactly as the bundle's ``evaluate.json`` (its PerImageMetrics handler).
+
+Test-time flips (its stage 16): ``--flip lr`` averages each member's probabilities with those of the
+pair flipped along the axis training flips (``RandFlipd`` spatial axis 1, the image's last dimension)
+and flipped back; ``--flip ud`` does the same along the other axis. ``--threshold`` replaces the
+evaluation's ``mask_threshold`` (0.5).
 """
 
 from __future__ import annotations
@@ -29,14 +34,21 @@ SLABS = ["drr_slab0", "drr_slab1", "drr_slab2"]
 class ProbabilityEnsemble(nn.Module):
     """Mean or maximum of the members' sigmoid outputs, returned as logits."""
 
-    def __init__(self, members: list[nn.Module], in_channels: list[int], combine: str) -> None:
+    def __init__(self, members: list[nn.Module], in_channels: list[int], combine: str, flip_dims: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.in_channels = in_channels
         self.combine = combine
+        self.flip_dims = flip_dims
+
+    def member_probability(self, member: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        p = torch.sigmoid(member(x))
+        if self.flip_dims:
+            p = 0.5 * (p + torch.sigmoid(member(x.flip(self.flip_dims))).flip(self.flip_dims))
+        return p
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([torch.sigmoid(m(x[:, :c])) for m, c in zip(self.members, self.in_channels)])
+        probs = torch.stack([self.member_probability(m, x[:, :c]) for m, c in zip(self.members, self.in_channels)])
         p = probs.mean(0) if self.combine == "mean" else probs.amax(0)
         return torch.logit(p.clamp(1e-6, 1.0 - 1e-6))
 
@@ -55,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--combine", choices=["mean", "max"], default="max")
     parser.add_argument("--member", action="append", required=True, help="CHECKPOINT:IN_CHANNELS (repeat)")
+    parser.add_argument("--flip", choices=["none", "lr", "ud"], default="none", help="test-time flip (see above)")
+    parser.add_argument("--threshold", type=float, default=None, help="mask threshold (default: the config's mask_threshold)")
     parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args(argv)
     members = [parse_member(m) for m in args.member]
@@ -78,13 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # noqa: BLE001 - any unreadable or unfitting file is reported by name
             raise SystemExit(f"{path}: not a weights-only checkpoint of a {channels}-channel network ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
         nets.append(net.eval())
-    ensemble = ProbabilityEnsemble(nets, [c for _, c in members], args.combine).eval()
+    flip_dims = {"none": (), "lr": (-1,), "ud": (-2,)}[args.flip]
+    ensemble = ProbabilityEnsemble(nets, [c for _, c in members], args.combine, flip_dims).eval()
     update = {
         "bundle_root": str(BUNDLE), "dataset_dir": args.dataset_dir, "image_size": args.image_size, "num_workers": 0,
         "output_dir": args.out, "drr_slab_keys": SLABS if max(c for _, c in members) > 2 else [], "network": ensemble,
         # the members' weights are loaded above: evaluate.json's handlers without its CheckpointLoader
         "validate#handlers": [h for h in config["validate#handlers"] if h.get("_target_") != "CheckpointLoader"],
     }
+    if args.threshold is not None:
+        if not 0.0 < args.threshold < 1.0:
+            raise SystemExit(f"--threshold {args.threshold}: expected a probability strictly between 0 and 1")
+        update["mask_threshold"] = args.threshold
     if args.fold == "all":
         update["validate#dataset#data"] = "$scripts.io.read_datalist(@datalist)"
     else:
