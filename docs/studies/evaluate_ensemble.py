@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args(argv)
     members = [parse_member(m) for m in args.member]
+    if args.threshold is not None and not 0.0 < args.threshold < 1.0:
+        raise SystemExit(f"--threshold {args.threshold}: expected a probability strictly between 0 and 1")
 
     sys.path.insert(0, str(BUNDLE))
     from monai.bundle import ConfigParser
@@ -101,8 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         "validate#handlers": [h for h in config["validate#handlers"] if h.get("_target_") != "CheckpointLoader"],
     }
     if args.threshold is not None:
-        if not 0.0 < args.threshold < 1.0:
-            raise SystemExit(f"--threshold {args.threshold}: expected a probability strictly between 0 and 1")
         update["mask_threshold"] = args.threshold
     if args.fold == "all":
         update["validate#dataset#data"] = "$scripts.io.read_datalist(@datalist)"
