@@ -1,4 +1,4 @@
-"""Shared fixtures: the real LIDC sample (skipped when absent) and tiny hand-made CT series."""
+"""Shared fixtures: the real LIDC sample and nodule patches held in tests/data, and tiny hand-made CT series."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE_ROOT = REPO.parent / "shared" / "data" / "lidc_idri_sample"
+DATA = REPO / "tests" / "data"
+SAMPLE_ROOT = DATA / "lidc_idri_sample"
+PATCHES_ROOT = DATA / "node21_nodule_patches"
 SAMPLE_SERIES = {
     "LIDC-IDRI-0001": "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192",
     "LIDC-IDRI-0002": "1.3.6.1.4.1.14519.5.2.1.6279.6001.619372068417051974713149104919",
@@ -22,10 +24,14 @@ SAMPLE_SERIES = {
 
 @pytest.fixture(scope="session")
 def sample_root() -> Path:
-    """The real LIDC-IDRI sample beside the checkout; skips the test when it is absent."""
-    if not SAMPLE_ROOT.is_dir():
-        pytest.skip(f"real LIDC sample not found at {SAMPLE_ROOT} (it lives in ../shared beside the checkout)")
+    """The real LIDC-IDRI sample held in the repository (tests/data/lidc_idri_sample, see its README)."""
     return SAMPLE_ROOT
+
+
+@pytest.fixture(scope="session")
+def nodule_patches_root() -> Path:
+    """Sixteen real LUNA16 nodule patches with masks held in the repository (tests/data/node21_nodule_patches)."""
+    return PATCHES_ROOT
 
 
 def write_ct_slice(

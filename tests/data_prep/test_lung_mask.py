@@ -10,7 +10,7 @@ from scipy import ndimage as ndi
 
 from data_prep.lung_mask import lung_mask, lung_mask_with_info
 
-SAMPLE = Path(__file__).resolve().parents[3] / "shared" / "data" / "lidc_idri_sample"
+from tests.conftest import SAMPLE_ROOT as SAMPLE
 
 
 def _tube(grid, start, end, radius):
@@ -315,8 +315,6 @@ NODULES = {
 
 def _load_series(patient: str) -> tuple[np.ndarray, tuple[float, float, float]]:
     pydicom = pytest.importorskip("pydicom")
-    if not SAMPLE.is_dir():
-        pytest.skip(f"real LIDC sample not found at {SAMPLE}")
     slices = [pydicom.dcmread(f) for f in sorted((SAMPLE / patient).rglob("*.dcm"))]
     slices.sort(key=lambda d: float(d.ImagePositionPatient[2]))
     hu = np.stack([d.pixel_array * float(d.RescaleSlope) for d in slices])
