@@ -262,16 +262,123 @@ def test_inference_nifti_and_dicom_in_input_geometry(lidc_demo_prepared, tmp_pat
     assert inside.mean() > 0.95 and mask[tuple(vox[inside].T)].mean() > 0.9
 
 
+# ---------------------------------------------------------------- inputs: a file, a folder or a list; formats
+
+
+def _chest(shape=(6, 128, 128)) -> np.ndarray:
+    """A chest-like CT in HU, (z, y, x): a body ellipse (40 HU) in air holding two lung ellipses (-850 HU), noise."""
+    z, y, x = shape
+    yy, xx = np.mgrid[:y, :x]
+    body = ((xx - x / 2) / (0.44 * x)) ** 2 + ((yy - y / 2) / (0.34 * y)) ** 2 < 1
+    img = np.where(body, 40.0, -1000.0)
+    for cx in (0.31 * x, 0.69 * x):
+        img[((xx - cx) / (0.16 * x)) ** 2 + ((yy - y / 2) / (0.24 * y)) ** 2 < 1] = -850.0
+    img = np.repeat(img[None], z, axis=0) + np.random.default_rng(0).normal(0, 20, (z, y, x))
+    return np.clip(img, -1024, 3071).astype(np.int16)
+
+
+def _write_formats(folder: Path, hu: np.ndarray, spacing=(1.5, 1.5, 2.5), origin=(-96.0, -96.0, 10.0)) -> dict:
+    """The same CT (z, y, x) written as NIfTI and MetaImage (SimpleITK) and as a DICOM series (pydicom)."""
+    import SimpleITK as sitk
+
+    from tests.conftest import write_ct_slice
+
+    img = sitk.GetImageFromArray(hu)
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    folder.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(folder / "chest_a.nii.gz"))
+    sitk.WriteImage(img, str(folder / "chest_b.mha"))
+    uid = "1.2.826.0.1.3680043.8.498.77"
+    for k in range(hu.shape[0]):
+        write_ct_slice(
+            folder / "1.2.840.1234.5" / f"{k:03d}.dcm", (hu[k] + 1024).astype(np.int16), origin[2] + k * spacing[2],
+            series_uid=uid, pixel_spacing=spacing[0], origin_xy=origin[:2], instance=k + 1,
+        )  # fmt: skip
+    return {"chest_a": folder / "chest_a.nii.gz", "chest_b": folder / "chest_b.mha", "1.2.840.1234.5": folder / "1.2.840.1234.5"}
+
+
+def _run_inference(input_path, out: Path) -> subprocess.CompletedProcess:
+    """``monai.bundle run`` of inference.json from the bundle folder; the exit status is left to the test."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--input_path", input_path if isinstance(input_path, str) else json.dumps(input_path), "--output_dir", str(out)]  # fmt: skip
+    return subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+
+
+def test_expand_inputs_file_folder_list_and_input_id(tmp_path):
+    """A folder yields its CT files (not .raw, not other files) and DICOM subfolders, sorted; a DICOM folder is one
+    input; a list expands each entry; a missing path or a folder without CT fails naming it; ids drop one extension."""
+    import SimpleITK as sitk
+
+    paths = _write_formats(tmp_path / "in", _chest((2, 16, 16)))
+    sitk.WriteImage(sitk.GetImageFromArray(_chest((2, 16, 16))), str(tmp_path / "in" / "chest_c.mhd"))  # + .raw
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    (tmp_path / "in" / "empty").mkdir()
+    with bundle_scripts(BUNDLE) as scripts:
+        found = scripts.expand_inputs(str(tmp_path / "in"))
+        assert [Path(p).name for p in found] == ["1.2.840.1234.5", "chest_a.nii.gz", "chest_b.mha", "chest_c.mhd"]
+        dicom = str(paths["1.2.840.1234.5"])
+        assert scripts.expand_inputs(dicom) == [dicom]
+        listed = f"['{paths['chest_b']}', '{dicom}']"
+        assert scripts.expand_inputs(listed) == scripts.expand_inputs([str(paths["chest_b"]), dicom])
+        assert scripts.expand_inputs(listed) == [str(paths["chest_b"]), dicom]
+        for bad, words in ((tmp_path / "nothere.nii.gz", "not found"), (tmp_path / "in" / "empty", "no CT input")):
+            with pytest.raises(ValueError, match=words) as info:
+                scripts.expand_inputs(str(bad))
+            assert str(bad) in str(info.value)
+        assert [scripts.input_id(p) for p in found] == ["1.2.840.1234.5", "chest_a", "chest_b", "chest_c"]
+        assert scripts.input_id("/x/ct.v2.nii.gz") == "ct.v2" and scripts.input_id(dicom + "/") == "1.2.840.1234.5"
+
+
+@pytest.mark.slow
+def test_inference_on_a_folder_of_nifti_mha_and_dicom_one_output_each_all_agree(tmp_path):
+    """inference.json on a folder holding a .nii.gz, a .mha and a DICOM series folder (one CT) writes exactly one mask
+    per input, named from it, and the three masks are the same, on the same grid, and find both lungs."""
+    from scipy import ndimage
+
+    _write_formats(tmp_path / "in", _chest())
+    proc = _run_inference(str(tmp_path / "in"), tmp_path / "out")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["1.2.840.1234.5_lung.nii.gz", "chest_a_lung.nii.gz", "chest_b_lung.nii.gz"]
+    masks = [nib.load(tmp_path / "out" / n) for n in names]
+    ref = np.asarray(masks[1].dataobj)
+    assert ref.shape == (128, 128, 6) and ndimage.label(ref)[1] == 2 and ref.mean() > 0.1
+    for m in masks:
+        assert np.array_equal(np.asarray(m.dataobj), ref) and np.allclose(m.affine, masks[1].affine, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_inference_list_refuses_bad_items_by_name_and_writes_the_others(tmp_path):
+    """In a list, a 2D image, an unreadable .mha and a missing path are each logged as one line naming them, the good
+    CT is still written, and the run exits non-zero with a one-line summary naming the three."""
+    paths = _write_formats(tmp_path / "in", _chest())
+    flat = _nifti(tmp_path / "flat.nii.gz", _chest((1, 64, 64))[0].T)
+    broken = tmp_path / "broken.mha"
+    broken.write_text("not an image")
+    missing = tmp_path / "missing.nii.gz"
+    proc = _run_inference([str(flat), str(paths["chest_a"]), str(broken), str(missing)], tmp_path / "out")
+    assert proc.returncode != 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["chest_a_lung.nii.gz"]
+    for bad, words in ((flat, "spatial dimension"), (broken, "cannot be read"), (missing, "not found")):
+        lines = [ln for ln in proc.stdout.splitlines() if f"ERROR - {bad}: " in ln]
+        assert len(lines) == 1 and words in lines[0], f"{bad}: {lines}\n{proc.stdout[-3000:]}"
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith("3 input(s) failed") and all(str(p) in summary for p in (flat, broken, missing))
+    assert str(paths["chest_a"]) not in summary and "Traceback" not in proc.stderr
+
+
 # ---------------------------------------------------------------- packaging (issue 8)
 
 
 def test_verify_net_in_out_and_ckpt_export(tmp_path):
-    """verify_net_in_out passes and ckpt_export writes a TorchScript model that matches the eager network."""
+    """verify_net_in_out (MONAI's defaults) passes, 16 x 16 (below the stated minimum) fails, and the exported model.ts
+    matches the eager network."""
     code = textwrap.dedent(
         f"""
         import torch
         from monai.bundle import ckpt_export, verify_net_in_out, ConfigParser
-        verify_net_in_out(net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference.json", n=12, device="cpu")
+        verify_net_in_out(net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference.json")
         ckpt_export(net_id="network_def", filepath={str(tmp_path / 'model.ts')!r}, ckpt_file="models/model.pt",
                     meta_file="configs/metadata.json", config_file="configs/inference.json")
         p = ConfigParser(); p.read_config("configs/inference.json")
@@ -280,11 +387,16 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
         x = torch.rand(2, 1, 64, 80)
         with torch.no_grad():
             assert torch.allclose(net(x), ts(x), atol=1e-4)
+            assert net(torch.rand(1, 1, 48, 32)).shape == (1, 2, 48, 32)  # any multiple of 16 from 32 on
+            try:
+                net(torch.rand(1, 1, 16, 16))  # below the metadata's 16*(n+1): instance norm on 1 x 1
+            except ValueError:
+                print("16 REFUSED")
         print("OK")
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
-    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+    assert proc.returncode == 0 and "OK" in proc.stdout and "16 REFUSED" in proc.stdout, proc.stderr[-3000:]
     assert (tmp_path / "model.ts").stat().st_size > 100_000
 
 

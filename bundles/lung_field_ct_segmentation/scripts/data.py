@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Sequence
 
-__all__ = ["load_datalist", "inference_list", "output_name_formatter"]
+__all__ = ["load_datalist"]
 
 
 def load_datalist(
@@ -58,32 +58,3 @@ def load_datalist(
             }
         )
     return out
-
-
-def inference_list(input_path: str | Sequence[str]) -> list[dict]:
-    """``[{"image": path}, ...]`` for one input (a NIfTI file or a DICOM series folder) or a list of them."""
-    paths = [input_path] if isinstance(input_path, (str, os.PathLike)) else list(input_path)
-    missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
-        raise FileNotFoundError(f"input not found: {', '.join(map(str, missing))}")
-    return [{"image": str(p)} for p in paths]
-
-
-def output_name_formatter(metadict: dict, saver) -> dict:
-    """``SaveImaged`` name formatter that keeps a DICOM folder's whole name.
-
-    MONAI's default strips the last ``.suffix`` of the input name (``.nii.gz`` -> stem), which cuts a
-    DICOM series folder named by its UID (``1.3.6...6001.1790...``) to the UID root that all series of
-    a collection share, so outputs would overwrite each other. Folders get a dummy suffix to strip.
-
-    Args:
-        metadict: the prediction's metadata (``filename_or_obj``, optional ``patch_index``).
-        saver: the ``SaveImage`` transform (unused; MONAI's formatter signature).
-
-    Returns:
-        ``{"subject": ..., "idx": ...}`` for ``monai.data.FolderLayout.filename``.
-    """
-    subject = str((metadict or {}).get("filename_or_obj", getattr(saver, "_data_index", 0)))
-    if os.path.isdir(subject):
-        subject = subject.rstrip("/\\") + ".dir"
-    return {"subject": subject, "idx": (metadict or {}).get("patch_index")}

@@ -56,7 +56,11 @@ class CheckCTd(MapTransform):
     """
 
     def __init__(
-        self, keys: KeysCollection, air_below: float = -500.0, max_value: float = 40000.0, allow_missing_keys: bool = True
+        self,
+        keys: KeysCollection,
+        air_below: float = -500.0,
+        max_value: float = 40000.0,
+        allow_missing_keys: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.air_below = air_below
@@ -69,18 +73,19 @@ class CheckCTd(MapTransform):
         if len(shape) != 4:
             raise InputError(
                 f"{name}: image has {len(shape) - 1} spatial dimension(s) (shape {shape[1:]}), expected a 3D CT "
-                "volume (NIfTI file or DICOM series folder); 2D slices are not accepted"
+                "volume (NIfTI, MetaImage or NRRD file, or DICOM series folder); 2D slices are not accepted"
             )
         spacing = _spacing(img)
         if spacing is None:
-            raise InputError(f"{name}: image has no voxel spacing in its header; give a NIfTI/DICOM volume with spacing")
+            raise InputError(f"{name}: image has no voxel spacing in its header; give a CT volume with spacing")
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise InputError(f"{name}: image voxel spacing {spacing.round(4).tolist()} is not finite and positive")
         lo, hi = float(img.min()), float(img.max())
         if lo >= self.air_below or hi >= self.max_value:
             raise InputError(
                 f"{name}: intensity range [{lo:g}, {hi:g}] is not a CT in Hounsfield units (expected air below "
-                f"{self.air_below:g} HU and values below {self.max_value:g}); give raw HU, not a windowed or normalized image"
+                f"{self.air_below:g} HU and values below {self.max_value:g}); "
+                "give raw HU, not a windowed or normalized image"
             )
 
     def check_label(self, lab, img) -> None:
@@ -88,7 +93,8 @@ class CheckCTd(MapTransform):
         name = _name(lab)
         if tuple(lab.shape[1:]) != tuple(img.shape[1:]):
             raise InputError(
-                f"{name}: label shape {tuple(lab.shape[1:])} differs from image {_name(img)} shape {tuple(img.shape[1:])}"
+                f"{name}: label shape {tuple(lab.shape[1:])} differs from image {_name(img)} "
+                f"shape {tuple(img.shape[1:])}"
             )
         if not bool((lab > 0).any()):
             raise InputError(f"{name}: label is empty (no lung voxel)")
@@ -152,7 +158,9 @@ class KeepInsideBodyd(MapTransform):
         spatial_dim: spatial axis of the slices (2 = axial for RAS/LPS volumes). Default 2.
     """
 
-    def __init__(self, keys: KeysCollection, image_key: str = "image", threshold: float = 0.357, spatial_dim: int = 2) -> None:
+    def __init__(
+        self, keys: KeysCollection, image_key: str = "image", threshold: float = 0.357, spatial_dim: int = 2
+    ) -> None:
         super().__init__(keys)
         self.image_key = image_key
         self.threshold = threshold
