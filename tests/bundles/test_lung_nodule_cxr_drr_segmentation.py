@@ -559,9 +559,7 @@ def _write_formats(folder: Path, arr: np.ndarray) -> list[str]:
 
 
 def test_expand_inputs_reads_files_folders_lists_and_names_each_input(tmp_path):
-    """A file is itself, a list (string) its entries; a folder yields its images (NIfTI, .mha/.mhd, .nrrd, PNG, DICOM) and one-series
-    DICOM subfolders, sorted, not .raw or text; DICOM files of several series are one input each, one series is one input; a missing
-    path or a folder with nothing readable is refused by name; input_id drops one extension (.nii.gz is one); all read alike."""
+    """Files, list strings, folders (images, DICOM by content, series subfolders) expand and are named as documented."""
     arr = _picture()
     xr = tmp_path / "xr"
     ids = _write_formats(xr, arr)
@@ -571,16 +569,17 @@ def test_expand_inputs_reads_files_folders_lists_and_names_each_input(tmp_path):
     (tmp_path / "empty").mkdir()
     for i in range(2):
         _write_dicom(tmp_path / "two_series" / f"{i}.dcm", arr, "MONOCHROME2")
-        _write_dicom(tmp_path / "one_series" / f"{i}.dcm", arr, "MONOCHROME2", series_uid="1.2.826.0.1.3680043.2.1125.1")
+        _write_dicom(tmp_path / "one_series" / f"{i}.dcm", arr, "MONOCHROME2", series_uid="1.2.826.0.1.3680043.2.1")
     with bundle_scripts(BUNDLE) as scripts:
         inp = scripts.inputs
         found = inp.expand_inputs(str(xr))
         assert [Path(f).name for f in found] == ["1.2.840.99", "a.nii.gz", "b.mha", "c.nrrd", "d.dcm", "e", "f.mhd"]
         assert [inp.input_id(f) for f in found] == ["1.2.840.99", *ids, "f"]
         for f in found:
-            assert np.array_equal(scripts.io.read_radiograph(f)[0], arr.astype(np.float32)), f  # same picture, rows = rows
+            assert np.array_equal(scripts.io.read_radiograph(f)[0], arr.astype(np.float32)), f  # same picture
         assert inp.expand_inputs(str(xr / "e")) == [str(xr / "e")]
-        assert inp.expand_inputs(f"['{xr / 'b.mha'}', '{xr / 'a.nii.gz'}']") == [str(xr / "b.mha"), str(xr / "a.nii.gz")]
+        two = [str(xr / "b.mha"), str(xr / "a.nii.gz")]
+        assert inp.expand_inputs(f"['{two[0]}', '{two[1]}']") == two
         assert inp.expand_inputs([str(xr / "a.nii.gz"), str(tmp_path / "gone.png")])[1] == str(tmp_path / "gone.png")
         assert len(inp.expand_inputs(str(tmp_path / "two_series"))) == 2
         assert inp.expand_inputs(str(tmp_path / "one_series")) == [str(tmp_path / "one_series")]
@@ -593,9 +592,7 @@ def test_expand_inputs_reads_files_folders_lists_and_names_each_input(tmp_path):
 
 
 def test_each_xray_finds_its_drr_beside_it_in_a_folder_or_by_position_and_bad_pairs_are_refused(tmp_path, caplog):
-    """A DRR is the same name in the drr folder beside the X-rays' (data_prep's layout), in a --drr_path folder, or the --drr_path
-    list's entry; an X-ray without a DRR, or whose output name is taken, is refused by name and the rest are paired; one DRR file for
-    several X-rays is refused; a pair that cannot be read is logged as '<input>: <problem>' and named when the run ends."""
+    """A DRR is found beside its X-ray, by name in a folder or by position; X-rays without one are refused by name."""
     arr = _picture().astype(np.float32)
     images = tmp_path / "set" / "images"
     for n in ("p1", "p2", "p3"):
@@ -610,15 +607,16 @@ def test_each_xray_finds_its_drr_beside_it_in_a_folder_or_by_position_and_bad_pa
     with bundle_scripts(BUNDLE) as scripts:
         io = scripts.io
         items, failed = io.pair_inputs(str(images / "xray"))
-        assert [(Path(i["xray"]).name, i["drr"]) for i in items] == [
-            ("p1.mha", str(images / "drr" / "p1.nii.gz")), ("p2.nii.gz", str(images / "drr" / "p2.nii.gz"))]  # fmt: skip
+        x, d = images / "xray", images / "drr"
+        pairs = [(Path(i["xray"]).name, Path(i["drr"])) for i in items]
+        assert pairs == [("p1.mha", d / "p1.nii.gz"), ("p2.nii.gz", d / "p2.nii.gz")]
         assert failed == {
-            str(images / "xray" / "p1.nii.gz"): f"its outputs would be named p1, as those of {images / 'xray' / 'p1.mha'}; rename one",
-            str(images / "xray" / "p3.nii.gz"): f"no drr named p3 in {images / 'drr'} (beside the X-ray's folder, as data_prep drr "
-            "writes them; or give --drr_path)",
-        }  # fmt: skip
-        items, failed = io.pair_inputs(str(images / "xray" / "p3.nii.gz"), str(tmp_path / "drrs"))
-        assert items == [{"xray": str(images / "xray" / "p3.nii.gz"), "drr": str(tmp_path / "drrs" / "p3.mha")}] and not failed
+            str(x / "p1.nii.gz"): f"its outputs would be named p1, as those of {x / 'p1.mha'}; rename one",
+            str(x / "p3.nii.gz"): f"no drr named p3 in {d} (beside the X-ray's folder, as data_prep drr writes them; "
+            "or give --drr_path)",
+        }
+        items, failed = io.pair_inputs(str(x / "p3.nii.gz"), str(tmp_path / "drrs"))
+        assert items == [{"xray": str(x / "p3.nii.gz"), "drr": str(tmp_path / "drrs" / "p3.mha")}] and not failed
         pair = [str(images / "xray" / "p2.nii.gz"), str(tmp_path / "blank.png")]
         drrs = [str(images / "drr" / "p1.nii.gz"), str(images / "drr" / "p2.nii.gz")]
         items, failed = io.pair_inputs(pair, drrs)
@@ -634,16 +632,17 @@ def test_each_xray_finds_its_drr_beside_it_in_a_folder_or_by_position_and_bad_pa
 
 
 def test_inference_on_a_folder_of_formats_writes_one_output_each_and_they_agree(tmp_path):
-    """--input_path a folder holding the same X-ray as .nii.gz, .mha, .nrrd, a DICOM file and a DICOM folder (their DRRs beside it, as
-    data_prep writes them): the shipped model writes one mask and attention map per input, named from it, and all agree."""
+    """A folder of one X-ray as .nii.gz, .mha, .nrrd, DICOM file and folder: one output each, named so, all equal."""
     arr = _picture()
     ids = _write_formats(tmp_path / "images" / "xray", arr)
     drr = ndimage.gaussian_filter(arr.astype(np.float32), 2)
     for i in ids:
         _write(drr, tmp_path / "images" / "drr" / f"{i}.nii.gz")
     out = tmp_path / "pred"
-    run_bundle(BUNDLE, ["configs/inference.json"], env=ONE_THREAD, input_path=str(tmp_path / "images" / "xray"), output_dir=str(out))
-    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i}_{k}.{e}" for i in ids for k in ("mask", "attention") for e in ("png", "nii.gz"))
+    run_bundle(BUNDLE, ["configs/inference.json"], env=ONE_THREAD, input_path=str(tmp_path / "images" / "xray"),
+               output_dir=str(out))  # fmt: skip
+    names = [f"{i}_{k}.{e}" for i in ids for k in ("mask", "attention") for e in ("png", "nii.gz")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
     import nibabel as nib
 
     att = {i: np.asarray(nib.load(out / f"{i}_attention.nii.gz").dataobj) for i in ids}
@@ -654,8 +653,7 @@ def test_inference_on_a_folder_of_formats_writes_one_output_each_and_they_agree(
 
 
 def test_a_bad_item_in_a_list_is_refused_by_name_and_the_others_are_written(tmp_path):
-    """--input_path a list holding a missing file, a constant image and a good X-ray (--drr_path a folder): the good one is written,
-    each bad one is logged as '<input>: <problem>' with nothing written for it, and the run exits non-zero naming both."""
+    """In a list a missing and a blank X-ray are logged by name, the good one is written, the run fails naming them."""
     from PIL import Image
 
     arr = _picture().astype(np.float32)
@@ -663,9 +661,10 @@ def test_a_bad_item_in_a_list_is_refused_by_name_and_the_others_are_written(tmp_
     Image.fromarray(np.full((48, 56), 9, np.uint8)).save(tmp_path / "x" / "blank.png")
     for n in ("good", "blank"):
         _write(ndimage.gaussian_filter(arr, 2), tmp_path / "drr" / f"{n}.nii.gz")
-    inputs = [str(tmp_path / "x" / "gone.nii.gz"), str(tmp_path / "x" / "blank.png"), str(tmp_path / "x" / "good.nii.gz")]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--input_path", json.dumps(inputs),
-           "--drr_path", str(tmp_path / "drr"), "--output_dir", str(tmp_path / "pred")]  # fmt: skip
+    inputs = [str(tmp_path / "x" / n) for n in ("gone.nii.gz", "blank.png", "good.nii.gz")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--input_path", json.dumps(inputs), "--drr_path", str(tmp_path / "drr"),
+           "--output_dir", str(tmp_path / "pred")]  # fmt: skip
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **ONE_THREAD}
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
     log = proc.stdout + proc.stderr
@@ -673,7 +672,8 @@ def test_a_bad_item_in_a_list_is_refused_by_name_and_the_others_are_written(tmp_
     assert f"{inputs[0]}: no such file or folder" in log
     assert f"{inputs[1]}: constant image (all pixels 9.0); nothing to segment" in log
     assert f"2 of 3 inputs were not segmented: {inputs[0]}, {inputs[1]}" in log
-    assert sorted(p.name for p in (tmp_path / "pred").iterdir()) == sorted(f"good_{k}.{e}" for k in ("mask", "attention") for e in ("png", "nii.gz"))
+    written = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    assert written == sorted(f"good_{k}.{e}" for k in ("mask", "attention") for e in ("png", "nii.gz"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -943,7 +943,8 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
         assert set(items[0]) == {"xray", "drr", *slab_keys} and os.path.isabs(items[0]["drr_slab1"]) and not failed
         items, failed = scripts.io.pair_inputs(str(root / "images" / "xray"), slab_keys=slab_keys)
         assert len(items) == 4 and not failed
-        assert all(Path(it[k]) == root / "images" / k / Path(it["xray"]).name for it in items for k in ("drr", *slab_keys))
+        keys = ["drr", *slab_keys]
+        assert all(Path(it[k]) == root / "images" / k / Path(it["xray"]).name for it in items for k in keys)
         bare = make_drr_set(tmp_path / "bare", 2, [0])
         entry = scripts.io.read_datalist(bare / "datalist.json")[0]
         with pytest.raises(Exception) as err:  # training/evaluation on a set without slabs (MONAI wraps the error)
