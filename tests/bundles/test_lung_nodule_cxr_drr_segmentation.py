@@ -467,7 +467,7 @@ def test_frozen_groups_keep_their_batchnorm_statistics():
 # ----------------------------------------------------------------------------------------------
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, photometric: str) -> None:
+def _write_dicom(path: Path, pixels: np.ndarray, photometric: str, series_uid: str | None = None) -> None:
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -480,11 +480,13 @@ def _write_dicom(path: Path, pixels: np.ndarray, photometric: str) -> None:
     ds.file_meta = meta
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
     ds.Modality = "CR"
+    ds.SeriesInstanceUID = series_uid or generate_uid()
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
     ds.PixelSpacing = [0.5, 0.5]
     ds.PixelData = pixels.astype(np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(str(path), enforce_file_format=True)
 
 
@@ -534,6 +536,144 @@ def test_radiograph_formats_and_bad_input_are_handled(tmp_path):
         assert ok["drr"].shape == (1, 96, 128) and ok["xray"].shape == (1, 48, 64)
         mask = io.LoadRadiographd("label", binary=True)({"label": str(tmp_path / "gray8.png")})["label"]
         assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
+
+
+# ----------------------------------------------------------------------------------------------
+# the inference inputs: files, folders, lists, formats, DRR partners
+# ----------------------------------------------------------------------------------------------
+
+
+def _picture(size: int = 48) -> np.ndarray:
+    """A smooth (H, W) test picture with integer values 0..4095 (so every format stores it exactly)."""
+    base = ndimage.gaussian_filter(np.random.default_rng(5).random((size, size + 8)), 3)
+    return np.round((base - base.min()) / np.ptp(base) * 4095).astype(np.uint16)
+
+
+def _write_formats(folder: Path, arr: np.ndarray) -> list[str]:
+    """The same X-ray as a.nii.gz, b.mha, c.nrrd, a DICOM file d.dcm and a DICOM folder e/; returns their input ids."""
+    for name in ("a.nii.gz", "b.mha", "c.nrrd"):
+        _write(arr.astype(np.float32), folder / name)
+    _write_dicom(folder / "d.dcm", arr, "MONOCHROME2")
+    _write_dicom(folder / "e" / "IM0001", arr, "MONOCHROME2")  # a DICOM file named without a suffix
+    return ["a", "b", "c", "d", "e"]
+
+
+def test_expand_inputs_reads_files_folders_lists_and_names_each_input(tmp_path):
+    """Files, list strings, folders (images, DICOM by content, series subfolders) expand and are named as documented."""
+    arr = _picture()
+    xr = tmp_path / "xr"
+    ids = _write_formats(xr, arr)
+    _write(arr, xr / "f.mhd")  # writes f.mhd and its f.raw
+    _write_dicom(xr / "1.2.840.99", arr, "MONOCHROME2")  # a DICOM file named by a UID
+    (xr / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    for i in range(2):
+        _write_dicom(tmp_path / "two_series" / f"{i}.dcm", arr, "MONOCHROME2")
+        _write_dicom(tmp_path / "one_series" / f"{i}.dcm", arr, "MONOCHROME2", series_uid="1.2.826.0.1.3680043.2.1")
+    with bundle_scripts(BUNDLE) as scripts:
+        inp = scripts.inputs
+        found = inp.expand_inputs(str(xr))
+        assert [Path(f).name for f in found] == ["1.2.840.99", "a.nii.gz", "b.mha", "c.nrrd", "d.dcm", "e", "f.mhd"]
+        assert [inp.input_id(f) for f in found] == ["1.2.840.99", *ids, "f"]
+        for f in found:
+            assert np.array_equal(scripts.io.read_radiograph(f)[0], arr.astype(np.float32)), f  # same picture
+        assert inp.expand_inputs(str(xr / "e")) == [str(xr / "e")]
+        two = [str(xr / "b.mha"), str(xr / "a.nii.gz")]
+        assert inp.expand_inputs(f"['{two[0]}', '{two[1]}']") == two
+        assert inp.expand_inputs([str(xr / "a.nii.gz"), str(tmp_path / "gone.png")])[1] == str(tmp_path / "gone.png")
+        assert len(inp.expand_inputs(str(tmp_path / "two_series"))) == 2
+        assert inp.expand_inputs(str(tmp_path / "one_series")) == [str(tmp_path / "one_series")]
+        with pytest.raises(inp.InputError, match=r"one_series: DICOM folder of 2 images"):
+            scripts.io.read_radiograph(tmp_path / "one_series")
+        with pytest.raises(inp.InputError, match=r"gone\.png: no such file or folder"):
+            inp.expand_inputs(str(tmp_path / "gone.png"))
+        with pytest.raises(inp.InputError, match=r"empty: folder holds no readable image"):
+            inp.expand_inputs(str(tmp_path / "empty"))
+
+
+def test_each_xray_finds_its_drr_beside_it_in_a_folder_or_by_position_and_bad_pairs_are_refused(tmp_path, caplog):
+    """A DRR is found beside its X-ray, by name in a folder or by position; X-rays without one are refused by name."""
+    arr = _picture().astype(np.float32)
+    images = tmp_path / "set" / "images"
+    for n in ("p1", "p2", "p3"):
+        _write(arr, images / "xray" / f"{n}.nii.gz")
+    _write(arr, images / "xray" / "p1.mha")  # the same name as p1.nii.gz
+    for n in ("p1", "p2"):
+        _write(arr, images / "drr" / f"{n}.nii.gz")
+    _write(arr, tmp_path / "drrs" / "p3.mha")
+    from PIL import Image
+
+    Image.fromarray(np.full((48, 56), 9, np.uint8)).save(tmp_path / "blank.png")
+    with bundle_scripts(BUNDLE) as scripts:
+        io = scripts.io
+        items, failed = io.pair_inputs(str(images / "xray"))
+        x, d = images / "xray", images / "drr"
+        pairs = [(Path(i["xray"]).name, Path(i["drr"])) for i in items]
+        assert pairs == [("p1.mha", d / "p1.nii.gz"), ("p2.nii.gz", d / "p2.nii.gz")]
+        assert failed == {
+            str(x / "p1.nii.gz"): f"its outputs would be named p1, as those of {x / 'p1.mha'}; rename one",
+            str(x / "p3.nii.gz"): f"no drr named p3 in {d} (beside the X-ray's folder, as data_prep drr writes them; "
+            "or give --drr_path)",
+        }
+        items, failed = io.pair_inputs(str(x / "p3.nii.gz"), str(tmp_path / "drrs"))
+        assert items == [{"xray": str(x / "p3.nii.gz"), "drr": str(tmp_path / "drrs" / "p3.mha")}] and not failed
+        pair = [str(images / "xray" / "p2.nii.gz"), str(tmp_path / "blank.png")]
+        drrs = [str(images / "drr" / "p1.nii.gz"), str(images / "drr" / "p2.nii.gz")]
+        items, failed = io.pair_inputs(pair, drrs)
+        assert [i["drr"] for i in items] == drrs and not failed
+        with pytest.raises(io.InputError, match=r"--drr_path .*p1\.nii\.gz is one DRR for 2 X-rays"):
+            io.pair_inputs(pair, drrs[0])
+        with caplog.at_level("ERROR"):
+            run = io.InferenceInputs(pair, drrs)
+        assert [i["xray"] for i in run.items] == [pair[0]]
+        assert f"{pair[1]}: constant image (all pixels 9.0); nothing to segment" in caplog.messages
+        with pytest.raises(io.InputError, match=r"1 of 2 inputs were not segmented: .*blank\.png$"):
+            run.raise_if_failed()
+
+
+def test_inference_on_a_folder_of_formats_writes_one_output_each_and_they_agree(tmp_path):
+    """A folder of one X-ray as .nii.gz, .mha, .nrrd, DICOM file and folder: one output each, named so, all equal."""
+    arr = _picture()
+    ids = _write_formats(tmp_path / "images" / "xray", arr)
+    drr = ndimage.gaussian_filter(arr.astype(np.float32), 2)
+    for i in ids:
+        _write(drr, tmp_path / "images" / "drr" / f"{i}.nii.gz")
+    out = tmp_path / "pred"
+    run_bundle(BUNDLE, ["configs/inference.json"], env=ONE_THREAD, input_path=str(tmp_path / "images" / "xray"),
+               output_dir=str(out))  # fmt: skip
+    names = [f"{i}_{k}.{e}" for i in ids for k in ("mask", "attention") for e in ("png", "nii.gz")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    import nibabel as nib
+
+    att = {i: np.asarray(nib.load(out / f"{i}_attention.nii.gz").dataobj) for i in ids}
+    assert att["a"].shape == arr.shape[::-1] and np.ptp(att["a"]) > 0
+    assert all(np.array_equal(att[i], att["a"]) for i in ids), {i: float(np.abs(att[i] - att["a"]).max()) for i in ids}
+    masks = {i: np.asarray(nib.load(out / f"{i}_mask.nii.gz").dataobj) for i in ids}
+    assert all(np.array_equal(masks[i], masks["a"]) for i in ids)
+
+
+def test_a_bad_item_in_a_list_is_refused_by_name_and_the_others_are_written(tmp_path):
+    """In a list a missing and a blank X-ray are logged by name, the good one is written, the run fails naming them."""
+    from PIL import Image
+
+    arr = _picture().astype(np.float32)
+    _write(arr, tmp_path / "x" / "good.nii.gz")
+    Image.fromarray(np.full((48, 56), 9, np.uint8)).save(tmp_path / "x" / "blank.png")
+    for n in ("good", "blank"):
+        _write(ndimage.gaussian_filter(arr, 2), tmp_path / "drr" / f"{n}.nii.gz")
+    inputs = [str(tmp_path / "x" / n) for n in ("gone.nii.gz", "blank.png", "good.nii.gz")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--input_path", json.dumps(inputs), "--drr_path", str(tmp_path / "drr"),
+           "--output_dir", str(tmp_path / "pred")]  # fmt: skip
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **ONE_THREAD}
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{inputs[0]}: no such file or folder" in log
+    assert f"{inputs[1]}: constant image (all pixels 9.0); nothing to segment" in log
+    assert f"2 of 3 inputs were not segmented: {inputs[0]}, {inputs[1]}" in log
+    written = sorted(p.name for p in (tmp_path / "pred").iterdir())
+    assert written == sorted(f"good_{k}.{e}" for k in ("mask", "attention") for e in ("png", "nii.gz"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -654,7 +794,7 @@ def test_inference_png_and_dicom_pair_writes_mask_and_attention(trained, tmp_pat
     _write_dicom(tmp_path / "drr.dcm", 4095 - np.round(np.clip(big, 0, 1) * 4095), "MONOCHROME1")
     out = tmp_path / "pred"
     run_bundle(BUNDLE, ["configs/inference.json"], env=ONE_THREAD, ckpt_dir=str(trained["ckpt_dir"]), output_dir=str(out),
-               xray_path=str(tmp_path / "cxr.png"), drr_path=str(tmp_path / "drr.dcm"), image_size=SIZE)
+               input_path=str(tmp_path / "cxr.png"), drr_path=str(tmp_path / "drr.dcm"), image_size=SIZE)
     mask_png = np.asarray(Image.open(out / "cxr_mask.png"))
     att_png = np.asarray(Image.open(out / "cxr_attention.png"))
     assert mask_png.shape == att_png.shape == xray.shape and set(np.unique(mask_png)) <= {0, 255}
@@ -798,9 +938,13 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
                 assert torch.equal(wide(x2), y)
                 if not skips:
                     assert torch.allclose(y, src(x[:, :2]), atol=1e-6)
-        # inference: the slab keys come from the datalist or from --drr_slab_paths
-        items = scripts.io.inference_items(None, None, str(root / "datalist.json"), 0, None, slab_keys)
-        assert set(items[0]) == {"xray", "drr", *slab_keys} and os.path.isabs(items[0]["drr_slab1"])
+        # inference: the slab keys come from the datalist, from --drr_slab_paths, or from the set's folders
+        items, failed = scripts.io.pair_inputs(None, None, str(root / "datalist.json"), 0, None, slab_keys)
+        assert set(items[0]) == {"xray", "drr", *slab_keys} and os.path.isabs(items[0]["drr_slab1"]) and not failed
+        items, failed = scripts.io.pair_inputs(str(root / "images" / "xray"), slab_keys=slab_keys)
+        assert len(items) == 4 and not failed
+        keys = ["drr", *slab_keys]
+        assert all(Path(it[k]) == root / "images" / k / Path(it["xray"]).name for it in items for k in keys)
         bare = make_drr_set(tmp_path / "bare", 2, [0])
         entry = scripts.io.read_datalist(bare / "datalist.json")[0]
         with pytest.raises(Exception) as err:  # training/evaluation on a set without slabs (MONAI wraps the error)
@@ -808,8 +952,11 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
         chain = [err.value, err.value.__cause__, err.value.__context__]
         assert any(isinstance(e, scripts.io.InputError) and "case000_p0.nii.gz: no drr_slab0, drr_slab1 in its datalist entry" in str(e) for e in chain)
         with pytest.raises(scripts.io.InputError, match="bare/datalist.json.*no drr_slab0, drr_slab1.*--drr-slabs"):
-            scripts.io.inference_items(None, None, str(bare / "datalist.json"), None, None, slab_keys)
+            scripts.io.pair_inputs(None, None, str(bare / "datalist.json"), None, None, slab_keys)
+        x, d, s0, s1 = (str(tmp_path / n) for n in ("x.png", "d.png", "s0.png", "s1.png"))
+        for f in (x, d, s0, s1):
+            Path(f).touch()
         with pytest.raises(scripts.io.InputError, match="takes 2 DRR slab.*gave 1"):
-            scripts.io.inference_items("x.png", "d.png", None, None, ["s0.png"], slab_keys)
-        one = scripts.io.inference_items("x.png", "d.png", None, None, ["s0.png", "s1.png"], slab_keys)
-        assert one == [{"xray": "x.png", "drr": "d.png", "drr_slab0": "s0.png", "drr_slab1": "s1.png"}]
+            scripts.io.pair_inputs(x, d, None, None, [s0], slab_keys)
+        one, failed = scripts.io.pair_inputs(x, d, None, None, [s0, s1], slab_keys)
+        assert one == [{"xray": x, "drr": d, "drr_slab0": s0, "drr_slab1": s1}] and not failed

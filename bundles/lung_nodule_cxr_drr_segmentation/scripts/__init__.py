@@ -1,8 +1,9 @@
 """What MONAI lacks for the X-ray + DRR nodule segmenter: the fusion network, its losses, the training
-phases, radiograph I/O with input checks, and the per-image evaluation writer."""
+phases, radiograph I/O with input checks, which inputs a run reads (and pairs), and the per-image
+evaluation writer."""
 
 from __future__ import annotations
 
-from . import flags, handlers, io, losses, network, phases
+from . import flags, handlers, inputs, io, losses, network, phases
 
-__all__ = ["flags", "handlers", "io", "losses", "network", "phases"]
+__all__ = ["flags", "handlers", "inputs", "io", "losses", "network", "phases"]

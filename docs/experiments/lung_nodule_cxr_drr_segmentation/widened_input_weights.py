@@ -1,6 +1,6 @@
 """How much a widened network uses the inputs it was widened with (the cxr bundle's stages 8-11).
 
-    python docs/studies/widened_input_weights.py START.pt TRAINED.pt
+    python docs/experiments/lung_nodule_cxr_drr_segmentation/widened_input_weights.py START.pt TRAINED.pt
 
 START is the checkpoint the run was widened from (`init_checkpoint`), TRAINED one of the run's own.
 For every weight whose input-channel count grew (the attention stem for DRR slabs, the decoder's

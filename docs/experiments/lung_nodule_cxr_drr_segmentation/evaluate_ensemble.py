@@ -1,6 +1,6 @@
 """Evaluate a probability ensemble of cxr checkpoints with the bundle's own evaluation (its stage 14).
 
-    python docs/studies/evaluate_ensemble.py --dataset-dir SET --fold 0 --out OUT --combine max \\
+    python docs/experiments/lung_nodule_cxr_drr_segmentation/evaluate_ensemble.py --dataset-dir SET --fold 0 --out OUT --combine max \\
         --member 070/model.pt:2 --member run13/models/model_epoch=48.pt:5
 
 Each ``--member`` is ``CHECKPOINT:IN_CHANNELS`` (2: X-ray and DRR; 5: X-ray, DRR and three depth
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "lung_nodule_cxr_drr_segmentation"
+BUNDLE = Path(__file__).resolve().parents[3] / "bundles" / "lung_nodule_cxr_drr_segmentation"
 SLABS = ["drr_slab0", "drr_slab1", "drr_slab2"]
 
 
