@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -91,27 +90,6 @@ def test_deep_supervision_lists_in_training_and_plain_tensor_in_eval():
         assert isinstance(y, torch.Tensor)
         torch.testing.assert_close(y, plain(x))
         torch.testing.assert_close(net.train()._forward_deep_supervision(x)[0], plain.train()(x))
-
-
-def test_faster_cpu_backward_gives_pytorch_gradients():
-    """The patched Conv3d/ConvTranspose3d backward gives the same input and weight gradients as PyTorch's own."""
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(
-        torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.Conv3d(3, 4, 3, stride=2, padding=1),
-        torch.nn.ConvTranspose3d(4, 3, 3, stride=2, padding=1, output_padding=1),
-    )  # fmt: skip
-    with bundle_scripts(BUNDLE) as scripts:
-        fast = scripts.cpu_conv.faster_cpu_backward(copy.deepcopy(layers))
-    assert all("forward" in vars(m) for m in fast if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)))
-    x = torch.randn(2, 2, 10, 12, 8)
-    grads = []
-    for model in (layers, fast):
-        xi = x.clone().requires_grad_(True)
-        y = model(xi)
-        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        grads.append([xi.grad] + [p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_gets_clear_messages(tmp_path):
