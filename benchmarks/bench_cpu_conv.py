@@ -28,6 +28,7 @@ import copy
 import importlib.util
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -55,7 +56,6 @@ def make_train_step(fast_backward):
     """Two closures (pytorch, cpu_conv) doing one training step of the bundle's network, same weights and data."""
     sys.path.insert(0, str(BUNDLE))
     from monai.losses import DeepSupervisionLoss, DiceFocalLoss
-
     from scripts.network import DeepSupervisionAttentionUnet
 
     torch.manual_seed(0)
@@ -99,13 +99,10 @@ def main() -> None:
     convt = torch.nn.ConvTranspose3d(16, 16, 3, stride=2, padding=1, output_padding=1)
     x, xt = torch.randn(4, 16, 32, 32, 32), torch.randn(4, 16, 16, 16, 16)
     cases = {
-        "conv3d": {
-            "pytorch": lambda: layer_step(conv, x),
-            "cpu_conv": (lambda m: lambda: layer_step(m, x))(fast(copy.deepcopy(conv))),
-        },
+        "conv3d": {"pytorch": partial(layer_step, conv, x), "cpu_conv": partial(layer_step, fast(copy.deepcopy(conv)), x)},
         "convtranspose3d": {
-            "pytorch": lambda: layer_step(convt, xt),
-            "cpu_conv": (lambda m: lambda: layer_step(m, xt))(fast(copy.deepcopy(convt))),
+            "pytorch": partial(layer_step, convt, xt),
+            "cpu_conv": partial(layer_step, fast(copy.deepcopy(convt)), xt),
         },
         "train_step": make_train_step(fast),
     }

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .inputs import expand_inputs
 
-__all__ = ["load_split", "inference_items"]
+__all__ = ["inference_items", "load_split"]
 
 
 def _count_nodules_from_csv(nodules_csv: Path, case_ids: set[str]) -> int | None:

@@ -219,7 +219,7 @@ class SimpleITKReader(ImageReader):
         import SimpleITK as sitk
 
         arrays, meta = [], {}
-        for image in ensure_tuple(img):
+        for image in img if isinstance(img, (list, tuple)) else [img]:  # an sitk.Image is itself iterable
             arr = sitk.GetArrayFromImage(image)  # (z, y, x[, c])
             dims = image.GetDimension()
             arr = arr.transpose(*range(dims - 1, -1, -1), *range(dims, arr.ndim))
