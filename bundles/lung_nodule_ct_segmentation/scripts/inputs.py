@@ -17,7 +17,7 @@ The same interface in every bundle of the project (each carries its own copy):
   SimpleITK (a dependency of the project) wraps the same ITK image IO as ``ITKReader``.
 * :class:`InputDataset`: loads and preprocesses the inputs one by one; an input that fails is logged as
   one line ``<input>: <problem>`` and skipped, and the others go on. :func:`raise_if_failed` (the
-  config's ``finalize``) then ends the run with an error naming the failed inputs.
+  config's ``finalize``) then ends the run (exit status 1) with one line naming the failed inputs.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from __future__ import annotations
 import ast
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -53,8 +54,12 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
 _SITK_SUFFIXES = (".mha", ".mhd", ".nrrd")
 
 
-class InputsFailedError(RuntimeError):
-    """Some inputs of a run were refused (each was logged with its problem)."""
+class InputsFailedError(SystemExit):
+    """Some inputs of a run were refused (each was logged with its problem).
+
+    A ``SystemExit`` with a message: ``python -m monai.bundle run`` prints the one line and exits with
+    status 1, without a traceback (in Python, catch it as ``SystemExit`` or this class).
+    """
 
 
 def _is_image_file(path: Path) -> bool:
@@ -209,10 +214,10 @@ class SimpleITKReader(ImageReader):
                 reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(name, series[0]))
                 return reader.Execute()
             return sitk.ReadImage(name)
-        except RuntimeError as exc:
-            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-            detail = next((ln for ln in reversed(lines) if not ln.startswith(("Exception thrown", "sitk::"))), "")
-            raise ValueError(f"{name}: cannot be read as an image ({detail or type(exc).__name__})") from None
+        except RuntimeError as exc:  # ITK's message: "Exception thrown in ...\nITK ERROR: MetaImageIO(0x..): <why>"
+            lines = [ln.split("ERROR:", 1)[1] for ln in str(exc).splitlines() if "ERROR:" in ln]
+            detail = re.sub(r"^\s*\w+\(0x[0-9a-fA-F]+\):\s*", "", lines[0]).strip() if lines else type(exc).__name__
+            raise ValueError(f"{name}: cannot be read as an image ({detail})") from None
 
     def get_data(self, img) -> tuple[np.ndarray, dict]:
         """Array ``(x, y, z[, c])`` and metadata (``affine``/``original_affine`` in RAS, ``spatial_shape``...)."""
