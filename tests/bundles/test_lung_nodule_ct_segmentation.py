@@ -537,13 +537,13 @@ def _phantom_ct(size: int = 64, seed: int = 0) -> np.ndarray:
 
 
 def _write_ct(vol: np.ndarray, path: Path, origin=(-30.0, -40.0, 100.0)) -> Path:
-    """Write a ``(z, y, x)`` HU volume at 1 mm: NIfTI/MetaImage/NRRD by suffix, a DICOM series folder without."""
+    """Write a ``(z, y, x)`` HU volume at 1 mm: NIfTI/MetaImage/NRRD by suffix, else a DICOM series folder."""
     import SimpleITK as sitk
     from pydicom.uid import generate_uid
 
     from tests.conftest import write_ct_slice
 
-    if not path.suffix:
+    if not path.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd")):
         uid = generate_uid()
         for k, sl in enumerate(vol):
             write_ct_slice(path / f"{k:03d}.dcm", sl.astype(np.int32) + 1024, origin[2] + k, series_uid=uid,
@@ -606,10 +606,10 @@ def test_inference_on_a_folder_writes_one_agreeing_output_per_format(tmp_path):
     """A folder of one scan as .nii.gz, .mha and DICOM series gives one mask and table per input, named, all equal."""
     vol = _phantom_ct(64)
     folder = tmp_path / "scans"
-    for name in ("ct_nifti.nii.gz", "ct_meta.mha", "ct_dicom"):
+    for name in ("ct_nifti.nii.gz", "ct_meta.mha", "1.2.826.0.1.3680043"):  # a DICOM folder named like a series UID
         _write_ct(vol, folder / name)
     run_bundle(BUNDLE, ["configs/inference.json"], input_path=str(folder), output_dir=str(tmp_path / "pred"))
-    names = ["ct_dicom", "ct_meta", "ct_nifti"]
+    names = ["1.2.826.0.1.3680043", "ct_meta", "ct_nifti"]
     assert sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz")) == [f"{n}_nodules.nii.gz" for n in names]
     masks = [np.asarray(nib.load(tmp_path / "pred" / f"{n}_nodules.nii.gz").dataobj) for n in names]
     assert masks[0].shape == (64, 64, 64) and masks[0].sum() > 100  # the 10 mm nodule is found
@@ -619,7 +619,7 @@ def test_inference_on_a_folder_writes_one_agreeing_output_per_format(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["case_id"] for r in rows} == set(names)
     tables = {n: [{k: v for k, v in r.items() if k != "case_id"} for r in rows if r["case_id"] == n] for n in names}
-    assert tables["ct_dicom"] and tables["ct_meta"] == tables["ct_dicom"] == tables["ct_nifti"]
+    assert tables["ct_nifti"] and tables["ct_meta"] == tables["ct_nifti"] == tables["1.2.826.0.1.3680043"]
 
 
 @pytest.mark.slow
