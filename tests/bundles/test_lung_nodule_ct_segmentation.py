@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 import os
@@ -91,27 +90,6 @@ def test_deep_supervision_lists_in_training_and_plain_tensor_in_eval():
         assert isinstance(y, torch.Tensor)
         torch.testing.assert_close(y, plain(x))
         torch.testing.assert_close(net.train()._forward_deep_supervision(x)[0], plain.train()(x))
-
-
-def test_faster_cpu_backward_gives_pytorch_gradients():
-    """The patched Conv3d/ConvTranspose3d backward gives the same input and weight gradients as PyTorch's own."""
-    torch.manual_seed(0)
-    layers = torch.nn.Sequential(
-        torch.nn.Conv3d(2, 3, 3, padding=1), torch.nn.Conv3d(3, 4, 3, stride=2, padding=1),
-        torch.nn.ConvTranspose3d(4, 3, 3, stride=2, padding=1, output_padding=1),
-    )  # fmt: skip
-    with bundle_scripts(BUNDLE) as scripts:
-        fast = scripts.cpu_conv.faster_cpu_backward(copy.deepcopy(layers))
-    assert all("forward" in vars(m) for m in fast if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)))
-    x = torch.randn(2, 2, 10, 12, 8)
-    grads = []
-    for model in (layers, fast):
-        xi = x.clone().requires_grad_(True)
-        y = model(xi)
-        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
-        grads.append([xi.grad] + [p.grad for p in model.parameters()])
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_input_gets_clear_messages(tmp_path):
@@ -544,6 +522,129 @@ def test_evaluate_and_inference_write_metrics_masks_and_tables(trained, tiny_lun
     if np.asarray(mask.dataobj).any():
         for col in ("centre_x_mm", "centre_y_mm", "centre_z_mm", "volume_mm3", "equivalent_diameter_mm", "mean_probability"):
             assert col in header
+
+
+def _phantom_ct(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A 1 mm chest-like int16 HU volume ``(z, y, x)``: soft-tissue body, a lung, a 10 mm solid nodule in it."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.ogrid[:size, :size, :size]
+    c = (size - 1) / 2
+    hu = np.full((size, size, size), -1000.0)
+    hu[:, 4:-4, 4:-4] = 40.0
+    hu[((x - c) / (0.35 * size)) ** 2 + ((y - c) / (0.35 * size)) ** 2 + ((z - c) / (0.45 * size)) ** 2 <= 1] = -850.0
+    hu[(x - c - 4) ** 2 + (y - c) ** 2 + (z - c) ** 2 <= 25] = 40.0
+    return np.rint(hu + rng.normal(0, 15, hu.shape)).astype(np.int16)
+
+
+def _write_ct(vol: np.ndarray, path: Path, origin=(-30.0, -40.0, 100.0)) -> Path:
+    """Write a ``(z, y, x)`` HU volume at 1 mm: NIfTI/MetaImage/NRRD by suffix, else a DICOM series folder."""
+    import SimpleITK as sitk
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import write_ct_slice
+
+    if not path.name.endswith((".nii.gz", ".nii", ".mha", ".nrrd")):
+        uid = generate_uid()
+        for k, sl in enumerate(vol):
+            write_ct_slice(path / f"{k:03d}.dcm", sl.astype(np.int32) + 1024, origin[2] + k, series_uid=uid,
+                           origin_xy=origin[:2], instance=k + 1)  # fmt: skip
+        return path
+    img = sitk.GetImageFromArray(vol)
+    img.SetOrigin(origin)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def test_inputs_are_expanded_and_named(tmp_path, make_series):
+    """A file is one input, a DICOM folder one, other folders give scans and series (sorted, no .raw); named."""
+    make_series("scans/1.2.840.99", n=3)
+    make_series("series_only", n=3)
+    scans = tmp_path / "scans"
+    for name in ("b.mha", "a.nii.gz", "c.mhd", "c.raw", "d.nrrd", "notes.txt"):
+        (scans / name).write_bytes(b"x")
+    (scans / "no_dicom").mkdir()
+    (scans / "no_dicom" / "readme.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    with bundle_scripts(BUNDLE) as scripts:
+        inputs = scripts.inputs.expand_inputs(str(scans))
+        assert [Path(p).name for p in inputs] == ["1.2.840.99", "a.nii.gz", "b.mha", "c.mhd", "d.nrrd"]
+        assert [scripts.input_id(p) for p in inputs] == ["1.2.840.99", "a", "b", "c", "d"]
+        assert scripts.input_id("/x/1.3.6.1.nii.gz") == "1.3.6.1"
+        assert scripts.inputs.expand_inputs(tmp_path / "series_only") == [str(tmp_path / "series_only")]
+        assert scripts.inputs.expand_inputs(str(scans / "b.mha")) == [str(scans / "b.mha")]
+        as_string = f"['{scans / 'a.nii.gz'}', '{tmp_path / 'missing.nii.gz'}', '{tmp_path / 'series_only'}']"
+        expected = [str(scans / "a.nii.gz"), str(tmp_path / "missing.nii.gz"), str(tmp_path / "series_only")]
+        assert scripts.inputs.expand_inputs(as_string) == expected  # a missing item of a list is refused later
+        with pytest.raises(FileNotFoundError, match=r"missing\.nii\.gz: no such file"):
+            scripts.inputs.expand_inputs(str(tmp_path / "missing.nii.gz"))
+        with pytest.raises(FileNotFoundError, match=r"empty: no image file"):
+            scripts.inputs.expand_inputs(str(tmp_path / "empty"))
+
+
+def test_mha_nrrd_and_dicom_series_load_like_nifti(tmp_path):
+    """inference.json reads .mha, .nrrd and DICOM series as NIfTI: same HU array, same world affine."""
+    from monai.bundle import ConfigParser
+
+    vol = _phantom_ct(24)
+    paths = [_write_ct(vol, tmp_path / name) for name in ("ct.nii.gz", "ct.mha", "ct.nrrd", "ct_dicom")]
+    with bundle_scripts(BUNDLE):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        load = parser.get_parsed_content("preprocessing").transforms[0]
+        loaded = [load({"image": str(p)})["image"] for p in paths]
+    ref = loaded[0]
+    assert ref.shape == (1, 24, 24, 24) and float(ref.min()) < -900
+    for path, img in zip(paths[1:], loaded[1:]):
+        assert img.shape == ref.shape, path
+        torch.testing.assert_close(img.as_tensor(), ref.as_tensor(), msg=str(path))
+        np.testing.assert_allclose(np.asarray(img.affine), np.asarray(ref.affine), atol=1e-4, err_msg=str(path))
+
+
+@pytest.mark.slow
+def test_inference_on_a_folder_writes_one_agreeing_output_per_format(tmp_path):
+    """A folder of one scan as .nii.gz, .mha and DICOM series gives one mask and table per input, named, all equal."""
+    vol = _phantom_ct(64)
+    folder = tmp_path / "scans"
+    for name in ("ct_nifti.nii.gz", "ct_meta.mha", "1.2.826.0.1.3680043"):  # a DICOM folder named like a series UID
+        _write_ct(vol, folder / name)
+    run_bundle(BUNDLE, ["configs/inference.json"], input_path=str(folder), output_dir=str(tmp_path / "pred"))
+    names = ["1.2.826.0.1.3680043", "ct_meta", "ct_nifti"]
+    assert sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz")) == [f"{n}_nodules.nii.gz" for n in names]
+    masks = [np.asarray(nib.load(tmp_path / "pred" / f"{n}_nodules.nii.gz").dataobj) for n in names]
+    assert masks[0].shape == (64, 64, 64) and masks[0].sum() > 100  # the 10 mm nodule is found
+    for n, m in zip(names[1:], masks[1:]):
+        np.testing.assert_array_equal(m, masks[0], err_msg=n)
+    with open(tmp_path / "pred" / "nodules.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["case_id"] for r in rows} == set(names)
+    tables = {n: [{k: v for k, v in r.items() if k != "case_id"} for r in rows if r["case_id"] == n] for n in names}
+    assert tables["ct_nifti"] and tables["ct_meta"] == tables["ct_nifti"] == tables["1.2.826.0.1.3680043"]
+
+
+@pytest.mark.slow
+def test_bad_inputs_in_a_list_are_refused_by_name_and_the_others_written(tmp_path):
+    """Bad items of a list (unreadable .mha, 2D image) are refused by name in one line; later ones are written."""
+    vol = _phantom_ct(40)
+    good = [_write_ct(vol, tmp_path / "first.nii.gz"), _write_ct(vol[::-1].copy(), tmp_path / "last.mha")]
+    broken = tmp_path / "broken.mha"
+    broken.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4\nElementDataFile = nowhere.raw\n")
+    flat = tmp_path / "flat.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((40, 40), np.int16), np.eye(4)), flat)
+    inputs = [str(good[0]), str(broken), str(flat), str(good[1])]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--input_path", json.dumps(inputs), "--output_dir", str(tmp_path / "pred")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    written = sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz"))
+    assert written == ["first_nodules.nii.gz", "last_nodules.nii.gz"], log[-3000:]
+    lines = log.splitlines()
+    assert any(f"{broken}: cannot be read as an image" in ln for ln in lines), log[-3000:]
+    assert any(f"{flat}: image of shape (1, 40, 40)" in ln and "not a 3D CT volume" in ln for ln in lines), log[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"2 of 4 inputs failed (see the log): {broken}, {flat}"
+    assert "Traceback" not in log  # one line per refused input and one at the end, no traceback
 
 
 def test_verify_net_in_out_and_ckpt_export(tmp_path):

@@ -6,7 +6,9 @@ import csv
 import json
 from pathlib import Path
 
-__all__ = ["load_split", "inference_items"]
+from .inputs import expand_inputs
+
+__all__ = ["inference_items", "load_split"]
 
 
 def _count_nodules_from_csv(nodules_csv: Path, case_ids: set[str]) -> int | None:
@@ -86,25 +88,13 @@ def load_split(datalist: str | Path, dataset_dir: str | Path, val_fold: int, spl
 
 
 def inference_items(input_path: str | Path | list) -> list[dict]:
-    """Inference items ``[{"image": path}, ...]`` from a scan file, a folder, or a list of them.
+    """Inference items ``[{"image": path}, ...]``, one per input of :func:`scripts.inputs.expand_inputs`.
 
     Args:
-        input_path: a scan file (``.nii.gz``, ``.nii``, ``.mhd``, ``.nrrd``), a folder of such files,
-            a folder holding one DICOM series (read by ITK), or a list of any of these.
+        input_path: a scan file (``.nii.gz``, ``.nii``, ``.mha``, ``.mhd``, ``.nrrd``), a folder of them
+            and of DICOM series folders, one DICOM series folder, or a list of any of these.
 
     Raises:
-        FileNotFoundError: the path does not exist or a folder holds nothing readable.
+        FileNotFoundError: a single path that does not exist or a folder with nothing readable.
     """
-    if isinstance(input_path, (list, tuple)):
-        return [item for p in input_path for item in inference_items(p)]
-    path = Path(input_path)
-    if not str(input_path) or not path.exists():
-        raise FileNotFoundError(f"input_path {str(input_path)!r} does not exist; pass --input_path <scan file or folder>")
-    if path.is_file():
-        return [{"image": str(path)}]
-    scans = sorted(p for ext in ("*.nii.gz", "*.nii", "*.mhd", "*.nrrd") for p in path.glob(ext))
-    if scans:
-        return [{"image": str(p)} for p in scans]
-    if any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in path.iterdir() if p.is_file()):
-        return [{"image": str(path)}]
-    raise FileNotFoundError(f"{path}: no .nii.gz/.nii/.mhd/.nrrd scan and no DICOM file in this folder")
+    return [{"image": p} for p in expand_inputs(input_path)]

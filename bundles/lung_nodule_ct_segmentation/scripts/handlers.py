@@ -11,6 +11,7 @@ import numpy as np
 from monai.utils import min_version, optional_import
 
 from .detection import FP_RATES, candidates, froc, local_dice, match_case, reference_nodules
+from .inputs import input_id
 from .transforms import source_name, to_numpy, voxel_spacing, voxel_to_world_lps
 
 Events, _ = optional_import("ignite.engine", "0.4.11", min_version, "Events")
@@ -21,14 +22,10 @@ logger = logging.getLogger(__name__)
 
 
 def case_name(item: dict, key: str = "pred") -> str:
-    """Case id of an output item: its datalist ``case_id`` or its file name without extension."""
+    """Case id of an output item: its datalist ``case_id``, else its input's name (:func:`scripts.inputs.input_id`)."""
     if item.get("case_id"):
         return str(item["case_id"])
-    name = Path(source_name(item, key)).name
-    for ext in (".nii.gz", ".nii", ".mhd", ".nrrd", ".dcm"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return input_id(source_name(item, key))
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

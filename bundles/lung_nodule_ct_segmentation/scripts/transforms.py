@@ -1,8 +1,9 @@
 """Input checks and nodule post-processing that MONAI lacks.
 
-* :class:`CheckSpacingd`: a scan whose voxel spacing is not the configured one (training and
-  evaluation: labels would be resampled by nearest neighbour and small nodules distorted) or too
-  coarse for nodules (any use) is refused with the file named.
+* :class:`CheckSpacingd`: an image that is not a single-channel 3D volume, or a scan whose voxel
+  spacing is not the configured one (training and evaluation: labels would be resampled by nearest
+  neighbour and small nodules distorted) or too coarse for nodules (any use) is refused with the file
+  named.
 * :class:`CheckSized`: a scan (after resampling) smaller than the patch is padded with air, or
   refused, by a config switch, with the file named.
 * :class:`NoduleTabled`: the per-nodule table of a post-processed mask (centre in world LPS mm,
@@ -59,7 +60,7 @@ def voxel_to_world_lps(img: torch.Tensor, ijk: Sequence[float]) -> tuple[float, 
 
 
 class CheckSpacingd(MapTransform):
-    """Refuse scans whose spacing does not suit the model, naming the file.
+    """Refuse scans that are not a single-channel 3D volume or whose spacing does not suit the model, naming the file.
 
     Args:
         keys: image key(s) to check (``(C, H, W, D)`` MetaTensors, before ``Spacingd``).
@@ -87,6 +88,12 @@ class CheckSpacingd(MapTransform):
     def __call__(self, data: Mapping) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
+            shape = tuple(d[key].shape)
+            if len(shape) != 4 or shape[0] != 1:
+                raise ValueError(
+                    f"{source_name(d, key)}: image of shape {shape} (channel first) is not a 3D CT volume "
+                    "(one channel, three spatial axes)"
+                )
             spacing = voxel_spacing(d[key])
             shown = ", ".join(f"{s:.3g}" for s in spacing)
             if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
