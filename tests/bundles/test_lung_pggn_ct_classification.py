@@ -185,7 +185,7 @@ def test_bad_input_gets_clear_messages(data, tmp_path):
 
 
 def test_metrics_against_sklearn():
-    """AUC equals scikit-learn's (ties included), the Youden point separates separable data, Brier is the mean squared error."""
+    """AUC equals scikit-learn's (ties too); the Youden point separates separable data; Brier is the MSE."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
@@ -260,8 +260,8 @@ def test_torchrun_two_processes_train_a_checkpoint(data, tmp_path):
 
 
 def _nodule_ct(shape=(36, 44, 48), spacing=(0.8, 0.8, 1.25), hu=-350.0, radii_mm=(5.0, 4.0, 6.0), noise=5.0, seed=0):
-    """A lung-like CT (int16 HU, array (z, y, x), chest wall on one side) with one ellipsoid nodule (soft edges) near its
-    centre; returns the SimpleITK image, the nodule mask (z, y, x) and the nodule's world centre (x, y, z) mm."""
+    """A lung-like CT (int16 HU, array (z, y, x), chest wall on one side) with one soft-edged ellipsoid nodule near
+    its centre; returns the SimpleITK image, the nodule mask (z, y, x) and the nodule's world centre (x, y, z) mm."""
     from scipy.ndimage import gaussian_filter
 
     rng = np.random.default_rng(seed)
@@ -287,7 +287,8 @@ def _write_dicom_series(img: sitk.Image, folder: Path) -> None:
     arr, uid = sitk.GetArrayFromImage(img), generate_uid()
     ox, oy, oz = img.GetOrigin()
     for k in range(arr.shape[0]):
-        write_ct_slice(folder / f"{k:03d}.dcm", arr[k] + 1024, oz + k * img.GetSpacing()[2], series_uid=uid, instance=k + 1,
+        z = oz + k * img.GetSpacing()[2]
+        write_ct_slice(folder / f"{k:03d}.dcm", arr[k] + 1024, z, series_uid=uid, instance=k + 1,
                        pixel_spacing=img.GetSpacing()[0], origin_xy=(ox, oy))  # fmt: skip
 
 
@@ -312,7 +313,8 @@ def test_expand_inputs_and_input_ids(tmp_path, make_series):
         assert [input_id(f) for f in found] == ["a", "b", "c", "series_d"]
         assert expand(str(tmp_path / "series_d")) == [str(tmp_path / "series_d")]
         listed = expand(json.dumps([str(tmp_path / "b.nii.gz"), str(tmp_path / "series_d")]))
-        assert listed == expand(f"['{tmp_path / 'b.nii.gz'}', '{tmp_path / 'series_d'}']") == [str(tmp_path / "b.nii.gz"), str(tmp_path / "series_d")]
+        python_list = f"['{tmp_path / 'b.nii.gz'}', '{tmp_path / 'series_d'}']"
+        assert listed == expand(python_list) == [str(tmp_path / "b.nii.gz"), str(tmp_path / "series_d")]
         with pytest.raises(FileNotFoundError, match="nope.nii.gz: not found"):
             expand([str(tmp_path / "b.nii.gz"), str(tmp_path / "nope.nii.gz")])
         with pytest.raises(ValueError, match=r"empty: no image files"):
@@ -345,7 +347,8 @@ def test_bad_item_in_a_list_is_refused_by_name(tmp_path):
     inputs = [str(tmp_path / n) for n in ("good.nii.gz", "broken.nii.gz", "flat.nii.gz")]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
            "--input_path", json.dumps(inputs), "--output_dir", str(tmp_path / "out")]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert f"{inputs[1]}: LoadImage cannot find a suitable reader" in log, log[-3000:]
@@ -369,7 +372,8 @@ def test_nodule_centred_cube_gives_the_training_crop_result(tmp_path):
     sitk.WriteImage(cube, str(folder / "cube_no_mask.nii.gz"))
     mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
     mask_img.CopyInformation(img)
-    sitk.WriteImage(sitk.Resample(mask_img, cube, sitk.Transform(), sitk.sitkNearestNeighbor, 0), str(masks / "cube.nii.gz"))
+    cube_mask = sitk.Resample(mask_img, cube, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(cube_mask, str(masks / "cube.nii.gz"))
     with bundle_scripts(BUNDLE):
         from monai.bundle import ConfigParser
 
@@ -383,7 +387,8 @@ def test_nodule_centred_cube_gives_the_training_crop_result(tmp_path):
     # the window maps 1,424 HU to [0, 1]; here the crop rolled by 2 voxels differs by 0.023-0.028 on average, the box
     # 20% too large by 0.08, the whole cube resized to 32^3 by more; the estimated box (no mask) is within a voxel
     assert float((with_mask - crop).abs().mean()) < 0.02 and float((without - crop).abs().mean()) < 0.03
-    run_bundle(BUNDLE, ["configs/inference.json"], input_path=str(folder), mask_path=str(masks), output_dir=str(tmp_path / "out"))
+    run_bundle(BUNDLE, ["configs/inference.json"], input_path=str(folder), mask_path=str(masks),
+               output_dir=str(tmp_path / "out"))  # fmt: skip
     preds = _predictions(tmp_path / "out/inference_predictions.csv")
     assert sorted(preds) == ["crop", "cube", "cube_no_mask"]
     assert abs(preds["cube"] - preds["crop"]) < 0.01 and abs(preds["cube_no_mask"] - preds["crop"]) < 0.01, preds
@@ -397,8 +402,10 @@ def test_training_kind_crop_input_is_unchanged(tmp_path):
 
     img, mask, _ = _nodule_ct(noise=40.0)
     sitk.WriteImage(bbox_crop(img, mask, 32), str(tmp_path / "crop.nii.gz"))
-    old = Compose([LoadImaged(["image"], image_only=True, reader="NibabelReader"), EnsureChannelFirstd(["image"]),
-                   Orientationd(["image"], axcodes="RAS"), ScaleIntensityRanged(["image"], -1024, 400, 0.0, 1.0, clip=True)])  # fmt: skip
+    old = Compose([
+        LoadImaged(["image"], image_only=True, reader="NibabelReader"), EnsureChannelFirstd(["image"]),
+        Orientationd(["image"], axcodes="RAS"), ScaleIntensityRanged(["image"], -1024, 400, 0.0, 1.0, clip=True),
+    ])  # fmt: skip
     with bundle_scripts(BUNDLE):
         from monai.bundle import ConfigParser
 

@@ -41,7 +41,7 @@ class CheckSpatialShaped(MapTransform):
         return d
 
 
-def _component_near(mask: np.ndarray, centre: np.ndarray, spacing: np.ndarray, max_mm: float | None = None) -> np.ndarray:
+def _component_near(mask: np.ndarray, centre: np.ndarray, spacing: np.ndarray, max_mm: float | None = None):
     """The 6-connected component of ``mask`` (H, W, D) holding the voxel nearest to ``centre`` (voxel index; ``spacing``
     in mm), or an empty mask when there is none within ``max_mm``."""
     from scipy import ndimage
