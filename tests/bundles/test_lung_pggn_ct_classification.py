@@ -185,18 +185,21 @@ def test_bad_input_gets_clear_messages(data, tmp_path):
 
 
 def test_metrics_against_sklearn():
-    """AUC matches scikit-learn, the Youden point separates perfectly separable data, Brier is the mean squared error."""
+    """AUC equals scikit-learn's (ties too); the Youden point separates separable data; Brier is the MSE."""
     from sklearn.metrics import roc_auc_score
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 300)
     p = np.clip(0.3 * y + rng.uniform(0, 0.7, 300), 0, 1)
+    tied = np.round(p, 1)  # many ties
     with bundle_scripts(BUNDLE) as scripts:
         r = scripts.metrics.binary_report(y, p, n_bootstrap=200)
+        r_tied = scripts.metrics.binary_report(y, tied, n_bootstrap=0)
         sep = scripts.metrics.binary_report([0, 0, 1, 1], [0.1, 0.2, 0.8, 0.9], n_bootstrap=10)
         with pytest.raises(ValueError, match="one class"):
             scripts.metrics.binary_report([1, 1], [0.2, 0.3])
-    assert r["auc"] == pytest.approx(roc_auc_score(y, p)) and r["auc_ci_low"] < r["auc"] < r["auc_ci_high"]
+    assert abs(r["auc"] - roc_auc_score(y, p)) <= 1e-16 and abs(r_tied["auc"] - roc_auc_score(y, tied)) <= 1e-16
+    assert r["auc_ci_low"] < r["auc"] < r["auc_ci_high"]
     assert r["brier"] == pytest.approx(np.mean((p - y) ** 2))
     assert sum(b["n"] for b in r["calibration"]) == 300
     assert sep["sensitivity"] == sep["specificity"] == 1.0
@@ -254,3 +257,159 @@ def test_torchrun_two_processes_train_a_checkpoint(data, tmp_path):
     state = torch.load(tmp_path / "ckpt/model_tabular.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state) and state["feature_mean"].shape == (len(FEATURES),)
     assert_ddp_released_before_exit(proc.stdout)
+
+
+def _nodule_ct(shape=(36, 44, 48), spacing=(0.8, 0.8, 1.25), hu=-350.0, radii_mm=(5.0, 4.0, 6.0), noise=5.0, seed=0):
+    """A lung-like CT (int16 HU, array (z, y, x), chest wall on one side) with one soft-edged ellipsoid nodule near
+    its centre; returns the SimpleITK image, the nodule mask (z, y, x) and the nodule's world centre (x, y, z) mm."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    zyx_mm = np.indices(shape).astype(float) * np.asarray(spacing[::-1])[:, None, None, None]
+    c = np.asarray(shape) / 2 * np.asarray(spacing[::-1]) + np.array([1.1, -2.3, 1.7])
+    mask = sum(((g - ci) / r) ** 2 for g, ci, r in zip(zyx_mm, c, radii_mm[::-1])) <= 1
+    arr = np.where(mask, hu, -860.0)
+    arr[:, :, :6] = 40.0
+    arr = gaussian_filter(arr, 0.8 / np.asarray(spacing[::-1])) + rng.normal(0, noise, shape)  # partial volume, noise
+    img = sitk.GetImageFromArray(arr.astype(np.int16))
+    img.SetSpacing(spacing)
+    img.SetOrigin((-20.0, 12.0, 100.0))
+    centre = img.TransformContinuousIndexToPhysicalPoint([float(v) for v in np.argwhere(mask).mean(axis=0)[::-1]])
+    return img, mask, centre
+
+
+def _write_dicom_series(img: sitk.Image, folder: Path) -> None:
+    """``img`` (identity direction, equal in-plane spacing) as a DICOM CT series, one file per slice."""
+    from pydicom.uid import generate_uid
+
+    from tests.conftest import write_ct_slice
+
+    arr, uid = sitk.GetArrayFromImage(img), generate_uid()
+    ox, oy, oz = img.GetOrigin()
+    for k in range(arr.shape[0]):
+        z = oz + k * img.GetSpacing()[2]
+        write_ct_slice(folder / f"{k:03d}.dcm", arr[k] + 1024, z, series_uid=uid, instance=k + 1,
+                       pixel_spacing=img.GetSpacing()[0], origin_xy=(ox, oy))  # fmt: skip
+
+
+def _predictions(path: Path) -> dict[str, float]:
+    return {r["id"]: float(r["probability"]) for r in csv.DictReader(open(path))}
+
+
+def test_expand_inputs_and_input_ids(tmp_path, make_series):
+    """A folder yields its image files and DICOM-series subfolders (sorted, .raw and others ignored); a DICOM
+    folder is one input; ids drop the extension (.nii.gz as one); missing or empty inputs are named."""
+    img, _, _ = _nodule_ct(shape=(4, 8, 8))
+    for name in ("b.nii.gz", "a.mha", "c.nrrd"):
+        sitk.WriteImage(img, str(tmp_path / name))
+    (tmp_path / "a.raw").write_bytes(b"\0")
+    (tmp_path / "notes.txt").write_text("x")
+    make_series("series_d", n=3)
+    (tmp_path / "empty").mkdir()
+    with bundle_scripts(BUNDLE) as scripts:
+        expand, input_id = scripts.inputs.expand_inputs, scripts.inputs.input_id
+        found = expand(str(tmp_path))
+        assert [Path(f).name for f in found] == ["a.mha", "b.nii.gz", "c.nrrd", "series_d"]
+        assert [input_id(f) for f in found] == ["a", "b", "c", "series_d"]
+        assert expand(str(tmp_path / "series_d")) == [str(tmp_path / "series_d")]
+        listed = expand(json.dumps([str(tmp_path / "b.nii.gz"), str(tmp_path / "series_d")]))
+        python_list = f"['{tmp_path / 'b.nii.gz'}', '{tmp_path / 'series_d'}']"
+        assert listed == expand(python_list) == [str(tmp_path / "b.nii.gz"), str(tmp_path / "series_d")]
+        with pytest.raises(FileNotFoundError, match="nope.nii.gz: not found"):
+            expand([str(tmp_path / "b.nii.gz"), str(tmp_path / "nope.nii.gz")])
+        with pytest.raises(ValueError, match=r"empty: no image files"):
+            expand(str(tmp_path / "empty"))
+
+
+def test_inference_on_a_folder_of_nifti_mha_and_dicom(tmp_path):
+    """A folder with a .nii.gz, a .mha and a DICOM series of the same nodule-centred CT gives one row each, named
+    from the input, and the three probabilities agree."""
+    img, _, _ = _nodule_ct(spacing=(0.8, 0.8, 1.0))
+    folder = tmp_path / "inputs"
+    folder.mkdir()
+    sitk.WriteImage(img, str(folder / "scan_a.nii.gz"))
+    sitk.WriteImage(img, str(folder / "scan_b.mha"))
+    _write_dicom_series(img, folder / "scan_c")
+    (folder / "readme.txt").write_text("not an image")
+    run_bundle(BUNDLE, ["configs/inference.json"], input_path=str(folder), output_dir=str(tmp_path / "out"))
+    preds = _predictions(tmp_path / "out/inference_predictions.csv")
+    assert sorted(preds) == ["scan_a", "scan_b", "scan_c"]
+    assert max(preds.values()) - min(preds.values()) < 1e-6, preds
+
+
+def test_bad_item_in_a_list_is_refused_by_name(tmp_path):
+    """In a list, an unreadable file and a 2-D image are each refused in one line naming them; the good input is
+    written, and the run ends non-zero naming the refused ones."""
+    img, _, _ = _nodule_ct()
+    sitk.WriteImage(img, str(tmp_path / "good.nii.gz"))
+    (tmp_path / "broken.nii.gz").write_bytes(b"not an image at all")
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((40, 40), np.int16)), str(tmp_path / "flat.nii.gz"))
+    inputs = [str(tmp_path / n) for n in ("good.nii.gz", "broken.nii.gz", "flat.nii.gz")]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--input_path", json.dumps(inputs), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"{inputs[1]}: LoadImage cannot find a suitable reader" in log, log[-3000:]
+    assert f"{inputs[2]}: image of shape (1, 40, 40), the model takes one 3-D CT" in log, log[-3000:]
+    assert f"2 input(s) refused (the others were written): {inputs[1]}, {inputs[2]}" in log
+    assert list(_predictions(tmp_path / "out/inference_predictions.csv")) == ["good"]
+
+
+def test_nodule_centred_cube_gives_the_training_crop_result(tmp_path):
+    """A 50 mm cube at 0.7 mm centred on a nodule (with its mask, or without) is cut and resampled inside the bundle
+    to (nearly) the network input and the probability of the training-style 32^3 bounding-box crop of that nodule."""
+    from data_prep.pggn import bbox_crop, fixed_crop
+
+    img, mask, centre = _nodule_ct()
+    folder, masks = tmp_path / "inputs", tmp_path / "masks"
+    folder.mkdir()
+    masks.mkdir()
+    sitk.WriteImage(bbox_crop(img, mask, 32), str(folder / "crop.nii.gz"))
+    cube = fixed_crop(img, centre, 50.0, 0.7)
+    sitk.WriteImage(cube, str(folder / "cube.nii.gz"))
+    sitk.WriteImage(cube, str(folder / "cube_no_mask.nii.gz"))
+    mask_img = sitk.GetImageFromArray(mask.astype(np.uint8))
+    mask_img.CopyInformation(img)
+    cube_mask = sitk.Resample(mask_img, cube, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+    sitk.WriteImage(cube_mask, str(masks / "cube.nii.gz"))
+    with bundle_scripts(BUNDLE):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        pre = parser.get_parsed_content("preprocessing")
+        crop = pre({"image": str(folder / "crop.nii.gz")})["image"]
+        with_mask = pre({"image": str(folder / "cube.nii.gz"), "mask": str(masks / "cube.nii.gz")})["image"]
+        without = pre({"image": str(folder / "cube_no_mask.nii.gz")})["image"]
+    assert with_mask.shape == without.shape == crop.shape == (1, 32, 32, 32)
+    # the window maps 1,424 HU to [0, 1]; here the crop rolled by 2 voxels differs by 0.023-0.028 on average, the box
+    # 20% too large by 0.08, the whole cube resized to 32^3 by more; the estimated box (no mask) is within a voxel
+    assert float((with_mask - crop).abs().mean()) < 0.02 and float((without - crop).abs().mean()) < 0.03
+    run_bundle(BUNDLE, ["configs/inference.json"], input_path=str(folder), mask_path=str(masks),
+               output_dir=str(tmp_path / "out"))  # fmt: skip
+    preds = _predictions(tmp_path / "out/inference_predictions.csv")
+    assert sorted(preds) == ["crop", "cube", "cube_no_mask"]
+    assert abs(preds["cube"] - preds["crop"]) < 0.01 and abs(preds["cube_no_mask"] - preds["crop"]) < 0.01, preds
+
+
+def test_training_kind_crop_input_is_unchanged(tmp_path):
+    """A 32^3 crop of the training kind reaches the network exactly as in 0.1.2 (NibabelReader, no resampling)."""
+    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged
+
+    from data_prep.pggn import bbox_crop
+
+    img, mask, _ = _nodule_ct(noise=40.0)
+    sitk.WriteImage(bbox_crop(img, mask, 32), str(tmp_path / "crop.nii.gz"))
+    old = Compose([
+        LoadImaged(["image"], image_only=True, reader="NibabelReader"), EnsureChannelFirstd(["image"]),
+        Orientationd(["image"], axcodes="RAS"), ScaleIntensityRanged(["image"], -1024, 400, 0.0, 1.0, clip=True),
+    ])  # fmt: skip
+    with bundle_scripts(BUNDLE):
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        new = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "crop.nii.gz")})["image"]
+    assert torch.equal(torch.as_tensor(new), old({"image": str(tmp_path / "crop.nii.gz")})["image"].as_tensor())

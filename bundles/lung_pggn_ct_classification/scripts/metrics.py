@@ -1,21 +1,11 @@
-"""Binary-classification metrics: AUC with a bootstrap 95% interval, the Youden operating point,
-calibration (Brier score, reliability bins, expected calibration error)."""
+"""Binary-classification metrics: AUC (scikit-learn's ``roc_auc_score``) with a bootstrap 95% interval,
+the Youden operating point, calibration (Brier score, reliability bins, expected calibration error)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["binary_report", "roc_auc"]
-
-
-def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve (Mann-Whitney U with mid-ranks for ties) of 0/1 ``labels`` (N,)."""
-    from scipy.stats import rankdata
-
-    y = np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    ranks = rankdata(scores)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+__all__ = ["binary_report"]
 
 
 def binary_report(labels, probabilities, n_bootstrap: int = 1000, n_bins: int = 10, seed: int = 0, threshold: float | None = None) -> dict:
@@ -37,7 +27,7 @@ def binary_report(labels, probabilities, n_bootstrap: int = 1000, n_bins: int = 
     Raises:
         ValueError: lengths differ or the labels hold one class (AUC undefined).
     """
-    from sklearn.metrics import roc_curve
+    from sklearn.metrics import roc_auc_score, roc_curve
 
     y = np.asarray(labels, dtype=float).ravel()
     p = np.asarray(probabilities, dtype=float).ravel()
@@ -45,13 +35,13 @@ def binary_report(labels, probabilities, n_bootstrap: int = 1000, n_bins: int = 
         raise ValueError(f"{y.size} labels but {p.size} probabilities")
     if len(np.unique(y)) < 2:
         raise ValueError(f"the labels hold one class only ({int(y[0]) if y.size else 'none'}) among {y.size} case(s): AUC is undefined")
-    auc = roc_auc(y, p)
+    auc = float(roc_auc_score(y, p))
     rng = np.random.default_rng(seed)
     boots = []
     for _ in range(n_bootstrap):
         idx = rng.integers(0, y.size, y.size)
         if y[idx].min() != y[idx].max():
-            boots.append(roc_auc(y[idx], p[idx]))
+            boots.append(float(roc_auc_score(y[idx], p[idx])))
     lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan))
     if threshold is None:
         fpr, tpr, thr = roc_curve(y, p)

@@ -44,7 +44,7 @@ def _show(ids: Sequence[str], n: int = 5) -> str:
 def read_table(
     path: str, feature_columns: Sequence[str] = (), label_column: str | None = "malignant", image_column: str | None = None,
     id_column: str = "nodule_id", patient_column: str = "patient_id", fold_column: str | None = "fold",
-    subset_columns: Sequence[str] = (), allow_extra_columns: bool = True,
+    subset_columns: Sequence[str] = (), allow_extra_columns: bool = True, mask_column: str | None = None,
 ) -> list[dict]:  # fmt: skip
     """Read and check the table.
 
@@ -58,6 +58,7 @@ def read_table(
         fold_column: patient-level fold column; None for inference. Default ``"fold"``.
         subset_columns: 0/1 columns carried into the rows for per-subset metrics (e.g. ``ggn``). Default none.
         allow_extra_columns: when False, columns the config does not name are an error. Default True.
+        mask_column: optional column with nodule mask paths (used when present; empty cells: no mask). Default None.
 
     Returns:
         One dict per usable row.
@@ -88,7 +89,8 @@ def read_table(
     if missing:
         what = "; ".join(f"{k}: {v}" for k, v in missing.items())
         raise TableError(f"{path_}: missing column(s) ({what}); the table has {header}")
-    used = {c for cols in needed.values() for c in cols}
+    use_mask = bool(mask_column) and mask_column in header and image_column is not None
+    used = {c for cols in needed.values() for c in cols} | ({mask_column} if use_mask else set())
     extra = [c for c in header if c not in used]
     if extra and not as_flag(allow_extra_columns, "allow_extra_columns"):
         raise TableError(f"{path_}: extra column(s) {extra} not named by the config (allow_extra_columns is false)")
@@ -134,6 +136,9 @@ def read_table(
         if image_column:
             crop = Path(row[image_column])
             item["image"] = str(crop if crop.is_absolute() else path_.parent / crop)
+            if use_mask and (row[mask_column] or "").strip():
+                mask = Path(row[mask_column].strip())
+                item["mask"] = str(mask if mask.is_absolute() else path_.parent / mask)
         out.append(item)
     if bad_features:
         detail = "; ".join(f"'{c}' in {_show(ids)}" for c, ids in bad_features.items())
@@ -145,7 +150,7 @@ def read_table(
     if not out:
         raise TableError(f"{path_}: no row has a label in '{label_column}'")
     if image_column:
-        absent = [r["image"] for r in out if not Path(r["image"]).is_file()]
+        absent = [r[k] for r in out for k in ("image", "mask") if k in r and not Path(r[k]).exists()]
         if absent:
             raise FileNotFoundError(f"{path_}: {len(absent)} crop file(s) of column '{image_column}' not found: {_show(absent, 3)}")
     return out
@@ -182,23 +187,48 @@ def split_rows(rows: Sequence[dict], val_fold: int, source: str = "table", label
     return train, val
 
 
-def inference_rows(input_path: str, feature_columns: Sequence[str] = (), image_column: str | None = None,
-                   id_column: str = "nodule_id", patient_column: str = "patient_id") -> list[dict]:  # fmt: skip
-    """Rows to predict: a CSV table (features and/or crop paths; labels not needed), one crop
-    (``.nii``/``.nii.gz``) or a folder of crops (image-only model).
+def inference_rows(input_path, feature_columns: Sequence[str] = (), image_column: str | None = None,
+                   id_column: str = "nodule_id", patient_column: str = "patient_id", mask_path=None,
+                   mask_column: str | None = "mask") -> list[dict]:  # fmt: skip
+    """Rows to predict: a CSV table (features and/or image paths, optional ``mask_column``; labels not
+    needed), or images for the image-only model: a file, a folder or a list (:func:`scripts.inputs.expand_inputs`),
+    each with the id :func:`scripts.inputs.input_id` and, when ``mask_path`` names masks (a file, a folder or
+    a list), the mask of the same id (a single image and a single mask are paired whatever their names).
 
     Raises:
-        FileNotFoundError: nothing at ``input_path``.
-        TableError: the model needs table features but the input is crops only.
+        FileNotFoundError: nothing at ``input_path`` (or ``mask_path``).
+        TableError: the model needs table features but the input is images only.
     """
-    p = Path(input_path)
-    if not p.exists():
-        raise FileNotFoundError(f"input_path {p} not found")
-    if p.suffix.lower() == ".csv":
-        return read_table(str(p), feature_columns, None, image_column, id_column, patient_column, None)
+    from .inputs import expand_inputs, input_id
+
+    if isinstance(input_path, (str, Path)) and str(input_path).strip().lower().endswith(".csv"):
+        p = Path(str(input_path).strip())
+        if not p.is_file():
+            raise FileNotFoundError(f"input_path {p} not found")
+        return read_table(str(p), feature_columns, None, image_column, id_column, patient_column, None,
+                          mask_column=mask_column)
     if feature_columns:
-        raise TableError(f"input_path {p}: this model takes table features {list(feature_columns)}; give a CSV with them (and crop paths)")
-    files = sorted(p.glob("*.nii*")) if p.is_dir() else [p]
-    if not files:
-        raise FileNotFoundError(f"input_path {p}: no .nii/.nii.gz crops")
-    return [{"id": f.name.split(".nii")[0], "patient_id": "", "features": np.zeros(0, np.float32), "image": str(f)} for f in files]
+        raise TableError(f"input_path {input_path}: this model takes table features {list(feature_columns)}; "
+                         "give a CSV with them (and image paths)")  # fmt: skip
+    files = expand_inputs(input_path)
+    ids = [input_id(f) for f in files]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise TableError(f"input_path {input_path}: several inputs share the id(s) {dup}; outputs are named from it")
+    masks: dict[str, str] = {}
+    if mask_path not in (None, "", [], "[]"):
+        mask_files = expand_inputs(mask_path)
+        if len(files) == 1 and len(mask_files) == 1:
+            masks = {ids[0]: mask_files[0]}
+        else:
+            masks = {input_id(m): m for m in mask_files}
+            unmatched = sorted(set(masks) - set(ids))
+            if unmatched:
+                logger.warning("mask_path %s: no input has the id of mask(s) %s", mask_path, _show(unmatched))
+    rows = []
+    for f, i in zip(files, ids):
+        row = {"id": i, "patient_id": "", "features": np.zeros(0, np.float32), "image": f}
+        if i in masks:
+            row["mask"] = masks[i]
+        rows.append(row)
+    return rows
