@@ -100,9 +100,10 @@ def load_weights(network: torch.nn.Module, path: str | os.PathLike, map_location
 class CheckpointLoader(_MonaiCheckpointLoader):
     """MONAI's ``CheckpointLoader`` (same arguments) whose bad checkpoint ends the run with one line.
 
-    Each module of ``load_dict`` is filled by :func:`load_weights`; a :class:`CheckpointError` becomes
-    ``SystemExit`` with its one line (exit status 1, no traceback under ``monai.bundle run``). Use it from
-    ``initialize`` (``$@checkpointloader(@evaluator)``): inside an engine run, ignite logs a traceback first.
+    A single module in ``load_dict`` (with ``strict``, the default) is filled by :func:`load_weights`, and a
+    :class:`CheckpointError` becomes ``SystemExit`` with its one line (exit status 1, no traceback under
+    ``monai.bundle run``); anything else is loaded by MONAI's handler. Call it from ``initialize``
+    (``$@checkpointloader(@evaluator)``): attached to an engine, ignite would log a traceback first.
     """
 
     def __call__(self, engine) -> None:
