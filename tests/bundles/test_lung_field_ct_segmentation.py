@@ -368,6 +368,190 @@ def test_inference_list_refuses_bad_items_by_name_and_writes_the_others(tmp_path
     assert str(paths["chest_a"]) not in summary and "Traceback" not in proc.stderr
 
 
+# ---------------------------------------------------------------- bad input and faults (issue 35)
+
+
+def _bad_ct(kind: str, folder: Path) -> tuple[Path, list[str]]:
+    """A bad CT of ``kind`` in ``folder`` (the chest of ``_chest`` at 1.5 mm), and words its one line must hold."""
+    hu = _chest((20, 128, 128)).transpose(2, 1, 0)  # (x, y, z)
+    path = folder / f"{kind}.nii.gz"
+    if kind in ("nan", "inf"):  # a 30 x 30 x 6 block in the air of a corner, away from the lungs
+        img = hu.astype(np.float32)
+        img[:30, :30, 6:12] = np.nan if kind == "nan" else np.inf
+        return _nifti(path, img, (1.5, 1.5, 2.5)), [f"{30 * 30 * 6} of", "NaN or infinite", "slices 6-11"]
+    if kind == "4d":
+        return _nifti(path, np.stack([hu, hu], -1), (1.5, 1.5, 2.5)), ["2 channels or volumes", "one 3D CT"]
+    if kind == "tiny":  # 15 x 15 mm of body in air: a network slice of 16 pixels would fail in instance norm
+        tiny = np.full((10, 10, 4), -1000, np.int16)
+        tiny[3:7, 3:7] = 40
+        return _nifti(path, tiny, (1.5, 1.5, 2.5)), ["field of view 15 x 15 mm", "too small"]
+    if kind == "truncated":
+        data = _nifti(folder / "whole.nii.gz", hu, (1.5, 1.5, 2.5)).read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, ["cannot be read", "truncated or corrupt"]
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, ["cannot be read", "empty"]
+    raise ValueError(kind)
+
+
+BAD_CTS = ["nan", "inf", "4d", "tiny", "truncated", "empty"]
+
+
+@pytest.mark.parametrize("kind", BAD_CTS)
+def test_bad_ct_refused_by_preprocessing_in_one_line(kind, tmp_path):
+    """NaN/inf voxels, a 4D file, a too small field of view, a cut or empty .nii.gz: inference.json's preprocessing
+    raises an InputError of one line naming the file and the problem (before the network sees anything)."""
+    path, words = _bad_ct(kind, tmp_path)
+    with bundle_scripts(BUNDLE) as scripts:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs" / "inference.json"))
+        with pytest.raises(Exception) as info:
+            parser.get_parsed_content("preprocessing")({"image": str(path)})
+        err = info.value
+        while err is not None and not isinstance(err, scripts.InputError):
+            err = err.__cause__
+    assert err is not None, f"{kind}: no InputError in the chain: {info.value!r}"
+    line = str(err)
+    assert line.startswith(f"{path}: ") and "\n" not in line and all(w in line for w in words), line
+
+
+@pytest.mark.slow
+def test_bad_cts_in_a_list_each_refused_in_one_line_the_good_one_written(tmp_path):
+    """A list of a good CT and NaN, 4D, tiny and truncated ones: one ERROR line per bad input naming it, no
+    traceback, only the good mask written (a NaN block no longer drops lung slices silently), exit status 1."""
+    bad = {k: _bad_ct(k, tmp_path) for k in ("nan", "4d", "tiny", "truncated")}
+    good = _nifti(tmp_path / "good.nii.gz", _chest((20, 128, 128)).transpose(2, 1, 0), (1.5, 1.5, 2.5))
+    listed = [str(bad["nan"][0]), str(good), *(str(p) for p, _ in list(bad.values())[1:])]
+    proc = _run_inference(listed, tmp_path / "out")
+    assert proc.returncode == 1
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["good_lung.nii.gz"]
+    for path, words in bad.values():
+        lines = [ln for ln in proc.stdout.splitlines() if f"ERROR - {path}: " in ln]
+        assert len(lines) == 1 and all(w in lines[0] for w in words), f"{path}: {lines}\n{proc.stdout[-3000:]}"
+    summary = proc.stderr.strip().splitlines()[-1]
+    assert summary.startswith("4 input(s) failed") and str(good) not in summary
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def _bad_checkpoint(kind: str, path: Path) -> list[str]:
+    """Write a bad ``model.pt`` of ``kind`` at ``path``; the words its one line must hold."""
+    good = (BUNDLE / "models" / "model.pt").read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "tensor":
+        torch.save(torch.zeros(3), path)
+        return ["not a plain state dict", "Tensor"]
+    if kind == "list":
+        torch.save([torch.zeros(3)], path)
+        return ["not a plain state dict", "list"]
+    if kind == "truncated":
+        path.write_bytes(good[: len(good) // 2])
+        return ["truncated or corrupt"]
+    if kind == "empty":
+        path.write_bytes(b"")
+        return ["empty file"]
+    if kind == "other network":
+        torch.save(torch.nn.Conv2d(1, 2, 3).state_dict(), path)
+        return ["weights of another network", "missing"]
+    if kind == "other shapes":  # the same UNet with other channels: same keys, other shapes
+        from monai.networks.nets import UNet
+
+        net = UNet(2, 1, 2, channels=(4, 8, 16, 32, 64), strides=(2, 2, 2, 2), num_res_units=2, norm="instance")
+        torch.save(net.state_dict(), path)
+        return ["weights of another network", "shape"]
+    if kind == "pickle with code":
+        torch.save({"model": torch.nn.Conv2d(1, 2, 3)}, path)
+        return ["weights_only=True", "needs code", "torch.nn.modules.conv.Conv2d"]
+    raise ValueError(kind)
+
+
+BAD_CHECKPOINTS = ["tensor", "list", "truncated", "empty", "other network", "other shapes", "pickle with code"]
+
+
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+def test_bad_checkpoint_refused_in_one_line(kind, tmp_path):
+    """A model.pt that is a tensor, a list, cut, empty, another network's weights or a pickle wanting code: the
+    checkpoint loader of inference.json and of evaluate.json stops (SystemExit) with one line naming the file."""
+    path = tmp_path / "models" / "model.pt"
+    words = _bad_checkpoint(kind, path)
+    with bundle_scripts(BUNDLE):
+        from monai.bundle import ConfigParser
+
+        for configs in (["inference.json"], ["train.json", "evaluate.json"]):
+            parser = ConfigParser()
+            parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
+            parser["ckpt_dir"] = str(path.parent)
+            before = {k: v.clone() for k, v in parser.get_parsed_content("network").state_dict().items()}
+            with pytest.raises(SystemExit) as info:
+                parser.get_parsed_content("checkpointloader")(None)
+            line = str(info.value.code)
+            assert line.startswith(f"{path}: ") and "\n" not in line and all(w in line for w in words), line
+            after = parser.get_parsed_content("network").state_dict()
+            assert all(torch.equal(before[k], after[k]) for k in before)  # nothing half loaded
+
+
+@pytest.mark.slow
+def test_bad_checkpoint_ends_inference_with_one_line(tmp_path):
+    """monai.bundle run of inference.json with a model.pt that is a bare tensor exits 1 with one line naming it and no
+    traceback."""
+    _bad_checkpoint("tensor", tmp_path / "ckpt" / "model.pt")
+    ct = _nifti(tmp_path / "ct.nii.gz", _chest((6, 64, 64)).transpose(2, 1, 0), (1.5, 1.5, 2.5))
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json", "--input_path",
+           str(ct), "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 1 and "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"{tmp_path / 'ckpt' / 'model.pt'}: not a plain state dict")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_name_every_bad_case_in_one_line_before_running(tmp_path):
+    """A data list with a windowed (not HU), a NaN and a 4D case: training and evaluation each log one line per bad
+    case, then stop with status 1 and a one-line summary naming them, before training or evaluating (no traceback,
+    no checkpoint, no metrics)."""
+    img, lung = _ct_phantom((64, 64, 12))
+    folder = tmp_path / "prepared"
+    windowed = ((img + 1000) / 1400).astype(np.float32)
+    nan = img.astype(np.float32)
+    nan[:8, :8, 4:6] = np.nan
+    cases = {
+        "good0": (img, None),
+        "windowed": (windowed, "not a CT in Hounsfield units"),
+        "good1": (img, None),
+        "nan": (nan, "128 of 49152 voxels are NaN"),
+        "fourd": (np.stack([img, img], -1), "2 channels or volumes"),
+    }
+    items = []
+    for k, (case, (array, _)) in enumerate(cases.items()):
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        (folder / "lungs").mkdir(exist_ok=True)
+        _nifti(folder / "images" / f"{case}.nii.gz", array)
+        _nifti(folder / "lungs" / f"{case}.nii.gz", lung)
+        items.append({"image": f"images/{case}.nii.gz", "lung": f"lungs/{case}.nii.gz", "case_id": case, "fold": k % 2})
+    (folder / "datalist.json").write_text(json.dumps({"training": items}))
+    ckpt = str(tmp_path / "ckpt")
+    runs = {
+        "evaluate": ["['configs/train.json','configs/evaluate.json']", "--val_fold", "-1"],
+        "train": ["configs/train.json", "--val_fold", "-1", "--train#trainer#max_epochs", "1", "--ckpt_dir", ckpt],
+    }
+    for name, args in runs.items():
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", args[0], *args[1:], "--dataset_dir",
+               str(folder), "--output_dir", str(tmp_path / name), "--num_workers", "0"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": ""}
+        proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env=env)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1 and "Traceback" not in out, f"{name}: {out[-3000:]}"
+        for case, (_, words) in cases.items():
+            lines = [ln for ln in proc.stdout.splitlines() if f"ERROR - {folder / 'images' / case}.nii.gz: " in ln]
+            assert len(lines) == (1 if words else 0) and (not words or words in lines[0]), f"{name} {case}: {lines}"
+        summary = proc.stderr.strip().splitlines()[-1]
+        assert summary.startswith("3 case(s) of ") and "nothing was trained or evaluated" in summary, summary
+        assert not (tmp_path / "ckpt").exists() and not (tmp_path / name / "metrics.csv").exists()
+
+
 # ---------------------------------------------------------------- packaging (issue 8)
 
 

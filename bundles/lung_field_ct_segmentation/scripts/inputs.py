@@ -14,8 +14,10 @@ Reading stays MONAI's ``LoadImaged``: NIfTI with ``NibabelReader`` and DICOM ser
 from __future__ import annotations
 
 import ast
+import gzip
 import logging
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +27,8 @@ from monai.data.image_reader import ImageReader
 from monai.data.utils import is_supported_format
 from monai.transforms import LoadImaged
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
+
+from .transforms import InputError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -37,6 +41,7 @@ __all__ = [
     "input_id",
     "is_dicom_series",
     "output_name_formatter",
+    "read_problem",
 ]
 
 logger = logging.getLogger("lung_field_ct_segmentation")
@@ -298,11 +303,46 @@ class SimpleITKReader(ImageReader):
         return arr, meta
 
 
+def read_problem(path, err: BaseException) -> str:
+    """One line ``<path>: cannot be read ...`` for an error raised while reading ``path``."""
+    path = str(path)
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if text.startswith(f"{path}: "):  # already names the file (SimpleITKReader)
+        return text
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return f"{path}: cannot be read: the file is empty (0 bytes)"
+    if isinstance(err, (EOFError, zlib.error, gzip.BadGzipFile)) or "truncat" in text.lower():
+        return f"{path}: cannot be read: the file is truncated or corrupt ({text})"
+    return f"{path}: cannot be read ({type(err).__name__}: {text})"
+
+
+class _NamingLoader:
+    """Wraps ``LoadImage``: an error while reading becomes an :class:`InputError` with one line naming the file."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def __getattr__(self, name):
+        if name == "loader" or name.startswith("__"):  # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.loader, name)
+
+    def __call__(self, filename, reader=None):
+        try:
+            return self.loader(filename, reader)
+        except Exception as e:  # nibabel's EOFError on a cut .nii.gz, pydicom's, SimpleITK's, ...
+            raise InputError(read_problem(filename, e)) from None
+
+
 class LoadCTd(LoadImaged):
     """``LoadImaged`` with MONAI's own choice of reader by file suffix, plus :class:`SimpleITKReader` for
-    ``.mha``/``.mhd``/``.nrrd``; arguments as ``LoadImaged`` (``reader`` not given).
+    ``.mha``/``.mhd``/``.nrrd``; arguments as ``LoadImaged`` (``reader`` not given). A file that cannot be read
+    (missing, empty, truncated, corrupt) raises :class:`InputError` with one line naming it.
     """
 
     def __init__(self, keys, *args, **kwargs) -> None:
         super().__init__(keys, *args, **kwargs)
         self.register(SimpleITKReader())
+        self._loader = _NamingLoader(self._loader)

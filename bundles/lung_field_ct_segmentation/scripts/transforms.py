@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,9 +40,15 @@ class CheckCTd(MapTransform):
     Checks on ``image_key`` (shape ``(C, H, W, D)``):
         - three spatial dimensions (a 2D image or a single PNG slice is refused);
         - a voxel spacing read from the file (``.npy`` arrays or PNGs have none), finite and positive;
+        - one channel (a 4D file, e.g. several time points or echoes, is refused);
+        - no NaN or infinite voxel: a CT holds finite HU only, and any value put in their place (air,
+          tissue) would change the lung mask (air inside the body is segmented as lung);
         - raw Hounsfield units: some air (minimum below ``air_below``, default -500 HU) and a maximum
           below ``max_value`` (default 40000): a windowed/normalized image (0..1, 0..255) or raw
-          stored values without RescaleIntercept are refused.
+          stored values without RescaleIntercept are refused;
+        - when ``pixdim`` is given: an axial field of view of at least ``min_pixels`` pixels of ``pixdim`` mm
+          in each in-plane direction (the network needs slices of more than 16 pixels; a chest CT spans
+          200-500 mm).
 
     Checks on ``label_key`` (when present in the data):
         - the same spatial shape as the image;
@@ -53,6 +59,8 @@ class CheckCTd(MapTransform):
         air_below: the image must contain values below this (HU). Default -500.
         max_value: the image must stay below this. Default 40000.
         allow_missing_keys: skip keys absent from the data (labels at inference). Default True.
+        pixdim: the in-plane spacing (mm) the image will be resampled to; None skips the size check. Default None.
+        min_pixels: the smallest in-plane size, in pixels of ``pixdim``. Default 32.
     """
 
     def __init__(
@@ -61,10 +69,14 @@ class CheckCTd(MapTransform):
         air_below: float = -500.0,
         max_value: float = 40000.0,
         allow_missing_keys: bool = True,
+        pixdim: Sequence[float] | None = None,
+        min_pixels: int = 32,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.air_below = air_below
         self.max_value = max_value
+        self.pixdim = None if pixdim is None else [float(p) for p in pixdim][:2]
+        self.min_pixels = min_pixels
 
     def check_image(self, img) -> None:
         """Raise :class:`InputError` when ``img`` (C, H, W, D) is not a 3D CT volume in HU."""
@@ -75,17 +87,53 @@ class CheckCTd(MapTransform):
                 f"{name}: image has {len(shape) - 1} spatial dimension(s) (shape {shape[1:]}), expected a 3D CT "
                 "volume (NIfTI, MetaImage or NRRD file, or DICOM series folder); 2D slices are not accepted"
             )
+        if shape[0] != 1:
+            raise InputError(
+                f"{name}: image has {shape[0]} channels or volumes (shape {shape}, e.g. a 4D file of several time "
+                "points), expected one 3D CT volume"
+            )
         spacing = _spacing(img)
         if spacing is None:
             raise InputError(f"{name}: image has no voxel spacing in its header; give a CT volume with spacing")
         if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
             raise InputError(f"{name}: image voxel spacing {spacing.round(4).tolist()} is not finite and positive")
+        self.check_finite(img, name)
         lo, hi = float(img.min()), float(img.max())
         if lo >= self.air_below or hi >= self.max_value:
             raise InputError(
                 f"{name}: intensity range [{lo:g}, {hi:g}] is not a CT in Hounsfield units (expected air below "
                 f"{self.air_below:g} HU and values below {self.max_value:g}); "
                 "give raw HU, not a windowed or normalized image"
+            )
+        if self.pixdim is not None:
+            self.check_size(img, name)
+
+    @staticmethod
+    def check_finite(img, name: str) -> None:
+        """Raise :class:`InputError` when ``img`` holds NaN or infinite voxels: their count and slices."""
+        data = torch.as_tensor(img)
+        if not data.is_floating_point() or (np.isfinite(float(data.min())) and np.isfinite(float(data.max()))):
+            return  # the fast path: min and max propagate NaN and show an inf
+        bad = ~torch.isfinite(data)
+        n_bad = int(bad.sum())
+        if n_bad:
+            slices = torch.nonzero(bad.flatten(0, -2).any(0)).flatten().tolist()  # along the file's last axis
+            raise InputError(
+                f"{name}: {n_bad} of {data.numel()} voxels are NaN or infinite (slices {slices[0]}-{slices[-1]} of "
+                f"{data.shape[-1]}); a CT holds finite HU only: fix the file (e.g. set out-of-field voxels to -1024)"
+            )
+
+    def check_size(self, img, name: str) -> None:
+        """Raise :class:`InputError` when the axial field of view is under ``min_pixels`` pixels of ``pixdim``."""
+        affine = np.asarray((getattr(img, "meta", {}) or {}).get("affine", np.eye(4)), dtype=float)
+        counts = np.asarray(img.shape[1:4], dtype=float)
+        fov = np.abs(affine[:2, :3]) @ counts  # mm along the world's x and y (the axial plane after Orientationd)
+        if np.any(fov / np.asarray(self.pixdim) < self.min_pixels):
+            need = " x ".join(f"{self.min_pixels * p:g}" for p in self.pixdim)
+            raise InputError(
+                f"{name}: axial field of view {fov[0]:.0f} x {fov[1]:.0f} mm is too small for the model (it needs "
+                f"at least {need} mm: {self.min_pixels} pixels of {' x '.join(f'{p:g}' for p in self.pixdim)} mm); "
+                "a chest CT spans 200-500 mm"
             )
 
     def check_label(self, lab, img) -> None:
