@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -672,8 +673,184 @@ def test_a_bad_item_in_a_list_is_refused_by_name_and_the_others_are_written(tmp_
     assert f"{inputs[0]}: no such file or folder" in log
     assert f"{inputs[1]}: constant image (all pixels 9.0); nothing to segment" in log
     assert f"2 of 3 inputs were not segmented: {inputs[0]}, {inputs[1]}" in log
+    assert "Traceback" not in log  # the summary ends the run, not MONAI's config-expression traceback
     written = sorted(p.name for p in (tmp_path / "pred").iterdir())
     assert written == sorted(f"good_{k}.{e}" for k in ("mask", "attention") for e in ("png", "nii.gz"))
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input and faults: one line naming the file and the problem, never a deep traceback
+# ----------------------------------------------------------------------------------------------
+
+BAD_PAIRS = {  # what is wrong with the pair named "bad" -> what its one line says
+    "3D X-ray": r"bad\.nii\.gz: NIfTI of shape \(56, 48, 5\); expected a 2D image",
+    "3D DRR": r"drr/bad\.nii\.gz: NIfTI of shape \(56, 48, 5\); expected a 2D image",
+    "all-NaN X-ray": r"bad\.nii\.gz: image holds NaN or infinite values",
+    "constant X-ray": r"bad\.nii\.gz: constant image \(all pixels 7\.0\); nothing to segment",
+    "almost constant DRR": r"drr/bad\.nii\.gz: almost constant image \(its 0\.5th and 99\.5th percentiles are both 0\)",
+    "DRR of another aspect ratio": r"drr/bad\.nii\.gz: size 48 x 24 has another aspect ratio than .*bad\.nii\.gz",
+    "truncated X-ray": r"bad\.nii\.gz: cannot be read \(EOFError",
+    "empty X-ray file": r"bad\.nii\.gz: cannot be read \(ImageFileError",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_PAIRS))
+def test_each_kind_of_bad_pair_is_refused_in_one_line_and_the_good_one_goes_on(tmp_path, kind):
+    """A 3D, all-NaN, (almost) constant, cut or empty image, a DRR of another field: refused by name, the next kept."""
+    arr = _picture().astype(np.float32)  # (48, 56)
+    drr = ndimage.gaussian_filter(arr, 2)
+    write3d = lambda a, path: sitk.WriteImage(sitk.GetImageFromArray(np.stack([a] * 5)), str(path))  # noqa: E731
+    for name in ("good", "bad"):
+        _write(arr, tmp_path / "x" / f"{name}.nii.gz")
+        _write(drr, tmp_path / "drr" / f"{name}.nii.gz")
+    bad_x, bad_drr = tmp_path / "x" / "bad.nii.gz", tmp_path / "drr" / "bad.nii.gz"
+    if kind == "3D X-ray":
+        write3d(arr, bad_x)
+    elif kind == "3D DRR":
+        write3d(drr, bad_drr)
+    elif kind == "all-NaN X-ray":
+        _write(np.full_like(arr, np.nan), bad_x)
+    elif kind == "constant X-ray":
+        _write(np.full_like(arr, 7.0), bad_x)
+    elif kind == "almost constant DRR":  # one bright pixel: the percentile scaling would divide by zero
+        one = np.zeros_like(drr)
+        one[10, 10] = 1.0
+        _write(one, bad_drr)
+    elif kind == "DRR of another aspect ratio":
+        _write(drr[:, :24], bad_drr)
+    elif kind == "truncated X-ray":
+        bad_x.write_bytes(bad_x.read_bytes()[: bad_x.stat().st_size // 2])
+    elif kind == "empty X-ray file":
+        bad_x.write_bytes(b"")
+    inputs = [str(bad_x), str(tmp_path / "x" / "good.nii.gz")]
+    with bundle_scripts(BUNDLE) as scripts:
+        run = scripts.io.InferenceInputs(inputs, str(tmp_path / "drr"))
+    assert [i["xray"] for i in run.items] == inputs[1:]
+    assert list(run.failed) == inputs[:1]
+    line = f"{inputs[0]}: {run.failed[inputs[0]]}"
+    assert "\n" not in line and re.search(BAD_PAIRS[kind], line), line
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"validation": []}', '{"training": [{"xray": "a.png"}]}'])
+def test_a_broken_datalist_is_refused_naming_it(tmp_path, content):
+    """A datalist.json that is not JSON, has no 'training' list or entries without xray/drr: one line naming it."""
+    (tmp_path / "datalist.json").write_text(content)
+    with bundle_scripts(BUNDLE) as scripts:
+        start = re.escape(str(tmp_path / "datalist.json"))
+        with pytest.raises(scripts.inputs.InputError, match=rf"^{start}: not a datalist"):
+            scripts.io.read_datalist(tmp_path / "datalist.json")
+
+
+BAD_CHECKPOINTS = {  # models/model.pt that is ... -> what its one line says after the file's name
+    "a tensor": r"^ is not a plain state dict \(it holds a Tensor\)$",
+    "a list": r"^ is not a plain state dict \(it holds a list\)$",
+    "truncated": r"^ is not a plain state dict: truncated or not a torch file \(\w+: .+\)$",
+    "empty": r"^ is not a plain state dict: the file is empty$",
+    "a pickled module": r"^ is not a plain state dict: it holds Python objects .* weights-only load refuses",
+    "another network's": r"^ does not fit network_def: \d+ of its \d+ weights missing .* another network's checkpoint",
+    "another width's": r"^ does not fit network_def: \d+ weights of another shape \(e\.g\. \S+ \(.*backbone_width",
+    "missing": r"^: no such checkpoint file$",
+}
+
+
+def _write_bad_checkpoint(kind: str, path: Path, network_module) -> None:
+    """Write the bad ``models/model.pt`` of ``kind`` (a key of BAD_CHECKPOINTS) at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shipped = (BUNDLE / "models" / "model.pt").read_bytes()
+    if kind == "a tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "a list":
+        torch.save([torch.zeros(3)], path)
+    elif kind == "truncated":
+        path.write_bytes(shipped[: len(shipped) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "a pickled module":
+        torch.save(torch.nn.Linear(2, 2), path)
+    elif kind == "another network's":
+        from monai.networks.nets import UNet
+
+        torch.save(UNet(2, 1, 1, (4, 8), (2,)).state_dict(), path)
+    elif kind == "another width's":
+        torch.save(network_module.CxrDrrFusionNet(backbone_width=8).state_dict(), path)
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_is_refused_in_one_line_naming_it_at_inference_evaluation_and_init(tmp_path, kind):
+    """A model.pt that is a tensor, a list, cut, empty, a pickled module, another network's or missing: one line."""
+    from monai.bundle import ConfigParser
+
+    ckpt = tmp_path / "ckpt" / "model.pt"
+    where = {"inference": (["inference.json"], "handlers#0"),
+             "evaluation": (["train.json", "evaluate.json"], "validate#handlers#0")}  # fmt: skip
+    with bundle_scripts(BUNDLE) as scripts:
+        _write_bad_checkpoint(kind, ckpt, scripts.network)
+        for what, (configs, handler) in where.items():
+            parser = ConfigParser()
+            parser.read_config([str(BUNDLE / "configs" / c) for c in configs])
+            parser["ckpt_dir"] = str(ckpt.parent)
+            with pytest.raises(Exception) as info:  # refused when the handler is built, before anything runs
+                parser.get_parsed_content(handler)
+            err = scripts.errors.user_error(info.value)  # what the run prints, as its last line
+            assert isinstance(err, scripts.checkpoint.CheckpointError), (what, info.value)
+            assert str(err).startswith(str(ckpt)), (what, str(err))
+            assert re.search(BAD_CHECKPOINTS[kind], str(err).removeprefix(str(ckpt))), (what, str(err))
+        net = parser.get_parsed_content("network_def")
+        with pytest.raises(scripts.checkpoint.CheckpointError) as info:
+            scripts.network.load_init_checkpoint(net, str(ckpt))
+        msg = str(info.value).removeprefix(f"init_checkpoint {ckpt}")
+        assert msg != str(info.value) and re.search(BAD_CHECKPOINTS[kind], msg), str(info.value)
+
+
+def _run_expecting_failure(config_files: list[str], **overrides: str) -> str:
+    """Run ``monai.bundle run`` as users do; assert that it failed with exit status 1; return its output."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
+           json.dumps(config_files) if len(config_files) > 1 else config_files[0]]  # fmt: skip
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value]
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **ONE_THREAD}
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("case", ["bad checkpoint", "empty folder", "one 3D X-ray", "output_dir is a file",
+                                  "evaluation pair all NaN"])  # fmt: skip
+def test_a_run_that_cannot_go_on_ends_with_one_line_and_exit_status_1(tmp_path, case):
+    """Bad checkpoint, nothing to segment, unwritable output_dir, bad evaluation pair: one line, exit 1, no trace."""
+    arr = _picture().astype(np.float32)
+    _write(arr, tmp_path / "x" / "p.nii.gz")
+    _write(ndimage.gaussian_filter(arr, 2), tmp_path / "drr" / "p.nii.gz")
+    infer = {"input_path": str(tmp_path / "x" / "p.nii.gz"), "drr_path": str(tmp_path / "drr"),
+             "output_dir": str(tmp_path / "pred")}  # fmt: skip
+    configs = ["configs/inference.json"]
+    if case == "bad checkpoint":
+        torch.save(torch.zeros(3), tmp_path / "model.pt")
+        infer["ckpt_dir"] = str(tmp_path)
+        line = f"{tmp_path / 'model.pt'} is not a plain state dict (it holds a Tensor)"
+    elif case == "empty folder":
+        (tmp_path / "empty").mkdir()
+        infer["input_path"] = str(tmp_path / "empty")
+        line = f"{tmp_path / 'empty'}: folder holds no readable image"
+    elif case == "one 3D X-ray":
+        sitk.WriteImage(sitk.GetImageFromArray(np.stack([arr] * 3)), str(tmp_path / "x" / "p.nii.gz"))
+        line = f"none of the 1 inputs can be segmented: {tmp_path / 'x' / 'p.nii.gz'}"
+    elif case == "output_dir is a file":
+        (tmp_path / "pred").write_text("")
+        line = f"{tmp_path / 'pred'}: cannot write the outputs there (output_dir is a file, not a folder)"
+    else:
+        make_drr_set(tmp_path / "set", 2, folds=[0])
+        bad = tmp_path / "set" / "images" / "xray" / "case001_p0.nii.gz"
+        _write(np.full((SIZE, SIZE), np.nan, np.float32), bad)
+        configs = ["configs/train.json", "configs/evaluate.json"]
+        infer = {"dataset_dir": str(tmp_path / "set"), "output_dir": str(tmp_path / "eval"), "val_fold": "0",
+                 **{k: str(v) for k, v in SMALL.items()}}  # fmt: skip
+        line = f"{bad}: image holds NaN or infinite values"
+    log = _run_expecting_failure(configs, **infer)
+    assert "Traceback" not in log, log[-3000:]
+    errors = [x for x in log.splitlines() if " - ERROR - " in x]
+    assert errors and line in errors[-1], log[-2000:]  # the run's last word, said once
+    assert sum(line in x for x in log.splitlines()) == 1, log[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------

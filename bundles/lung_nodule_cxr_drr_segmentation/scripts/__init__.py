@@ -4,6 +4,6 @@ evaluation writer."""
 
 from __future__ import annotations
 
-from . import flags, handlers, inputs, io, losses, network, phases
+from . import checkpoint, errors, flags, handlers, inputs, io, losses, network, phases
 
-__all__ = ["flags", "handlers", "inputs", "io", "losses", "network", "phases"]
+__all__ = ["checkpoint", "errors", "flags", "handlers", "inputs", "io", "losses", "network", "phases"]

@@ -288,7 +288,13 @@ def read_datalist(
         raise InputError(
             f"{path}: datalist not found (dataset_dir must be the output folder of `python -m data_prep drr`)"
         )
-    items = json.loads(path.read_text())[key]
+    try:
+        items = json.loads(path.read_text())
+    except ValueError as e:  # not JSON, or not text
+        raise InputError(f"{path}: not a datalist ({type(e).__name__}: {e})") from None
+    items = items.get(key) if isinstance(items, dict) else None
+    if not isinstance(items, list) or not all(isinstance(d, dict) and "xray" in d and "drr" in d for d in items):
+        raise InputError(f"{path}: not a datalist (no {key!r} list of entries with 'xray' and 'drr')")
     as_set = lambda f: None if f is None else {int(f)} if isinstance(f, (int, float, str)) else {int(x) for x in f}  # noqa: E731
     keep, drop = as_set(folds), as_set(exclude_folds)
     out = []
@@ -442,12 +448,14 @@ def pair_inputs(
 class InferenceInputs:
     """The pairs an inference run segments: paired (:func:`pair_inputs`), then each pair read and checked once.
 
-    A pair that cannot be used (no DRR found, unreadable, not 2D, constant, fields that do not match) is
+    A pair that cannot be used (no DRR found, unreadable, not 2D, (almost) constant, fields that do not match) is
     logged as one line ``<input>: <problem>`` and left out; the others go on. :meth:`raise_if_failed`,
     run when inference ends, then fails the run naming the inputs left out.
 
     Args:
         input_path, drr_path, datalist, folds, drr_slabs, slab_keys: as :func:`pair_inputs`.
+        percentiles: the X-ray's and the DRR's intensity scaling percentiles (``intensity_percentiles``):
+            an image where they are equal (almost constant) is refused. Default (0.5, 99.5).
 
     Raises:
         InputError: as :func:`pair_inputs`; and when no pair is left.
@@ -459,6 +467,7 @@ class InferenceInputs:
         drr_path: str | os.PathLike | Sequence | None = None,
         datalist: str | None = None, folds: Sequence[int] | int | None = None,
         drr_slabs: Sequence[str] | None = None, slab_keys: Sequence[str] = (),
+        percentiles: Sequence[float] = (0.5, 99.5),
     ) -> None:  # fmt: skip
         pairs, self.failed = pair_inputs(input_path, drr_path, datalist, folds, drr_slabs, slab_keys)
         keys = ["xray", "drr", *list(slab_keys or [])]
@@ -466,7 +475,14 @@ class InferenceInputs:
         self.items = []
         for item in pairs:
             try:
-                check(load(item))
+                d = check(load(item))
+                for key in ("xray", "drr"):  # the intensity scaling needs two different percentiles
+                    lo, hi = np.percentile(d[key].numpy(), [float(p) for p in percentiles])
+                    if hi <= lo:
+                        raise InputError(
+                            f"{d[key + '_path']}: almost constant image (its {percentiles[0]:g}th and "
+                            f"{percentiles[1]:g}th percentiles are both {lo:g}); nothing to segment"
+                        )
                 self.items.append(item)
             except InputError as e:
                 self.failed[item["xray"]] = str(e).removeprefix(f"{item['xray']}: ")
@@ -478,7 +494,6 @@ class InferenceInputs:
     def raise_if_failed(self) -> None:
         """Fail (after the others were written) when an input was left out, naming each."""
         if self.failed:
-            logger.error(f"not segmented: {', '.join(self.failed)}")
             raise InputError(
                 f"{len(self.failed)} of {len(self.failed) + len(self.items)} inputs were not segmented: "
                 f"{', '.join(self.failed)}"
@@ -489,6 +504,18 @@ def _resize_to(x: torch.Tensor, shape: Sequence[int], mode: str) -> np.ndarray:
     x = torch.as_tensor(x, dtype=torch.float32).detach().cpu()[None]  # the network's output may be on a GPU
     kw = {} if mode == "nearest" else {"align_corners": False}
     return torch.nn.functional.interpolate(x, size=tuple(int(s) for s in shape), mode=mode, **kw)[0, 0].numpy()
+
+
+def _check_output_dir(path: str) -> None:
+    """Refuse, before anything runs, an output folder that is a file or cannot be written (created when written)."""
+    found = Path(os.path.abspath(path))
+    while not found.exists() and found != found.parent:
+        found = found.parent
+    what = "output_dir" if str(found) == os.path.abspath(path) else f"its parent {found}"
+    if not found.is_dir():
+        raise InputError(f"{path}: cannot write the outputs there ({what} is a file, not a folder)")
+    if not os.access(found, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write the outputs there ({what} is not writable)")
 
 
 class SavePredictiond(MapTransform):
@@ -507,6 +534,9 @@ class SavePredictiond(MapTransform):
         output_dir: folder to write into (created).
         formats: any of "png", "nifti". Default ("png", "nifti").
         threshold: probability threshold of the mask. Default 0.5.
+
+    Raises:
+        InputError: ``output_dir`` (or its nearest existing parent) is a file or not writable.
     """
 
     def __init__(
@@ -522,6 +552,7 @@ class SavePredictiond(MapTransform):
         self.output_dir = str(output_dir)
         self.formats = tuple(formats)
         self.threshold = threshold
+        _check_output_dir(self.output_dir)
 
     @staticmethod
     def _nifti(arr: np.ndarray, spacing: Sequence[float], path: str) -> None:

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from monai.networks.nets import ResNet
 
+from .checkpoint import CheckpointError, check_fits, read_state_dict
 from .flags import as_flag
 
 __all__ = [
@@ -319,23 +320,25 @@ def load_xrv_weights(net: CxrDrrFusionNet, path: str | Path, pathology_index: in
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # a pickled module or something else than tensors
-        raise ValueError(
+        raise CheckpointError(
             f"{path}: cannot be loaded with weights_only=True ({type(e).__name__}); save the model's "
             "state dict instead: torch.save(xrv_model.state_dict(), path)"
         ) from e
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(sd).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, got {type(sd).__name__}")
     mapped = map_torchvision_resnet_keys(sd, pathology_index)
     own = net.state_dict()
     wanted = [k for k in own if k.startswith(("backbone.", "prior."))]
     missing = [k for k in wanted if k not in mapped]
     if missing:
-        raise ValueError(f"{path}: not a ResNet-50 state dict in torchvision naming; missing {len(missing)} keys, e.g. {missing[:3]}")
+        raise CheckpointError(
+            f"{path}: not a ResNet-50 state dict in torchvision naming; missing {len(missing)} keys, e.g. {missing[:3]}"
+        )
     bad = [f"{k} {tuple(mapped[k].shape)} != {tuple(own[k].shape)}" for k in wanted if mapped[k].shape != own[k].shape]
     if bad:
-        raise ValueError(f"{path}: shapes do not match (is backbone_width 64?): {bad[:3]}")
+        raise CheckpointError(f"{path}: shapes do not match (is backbone_width 64?): {bad[:3]}")
     net.load_state_dict({k: mapped[k] for k in wanted}, strict=False)
 
 
@@ -419,8 +422,9 @@ def load_init_checkpoint(net: nn.Module, path: str | None, exclude: Sequence[str
             keep the network's fresh initialization (train them again, e.g. with new input channels).
 
     Raises:
-        FileNotFoundError: ``path`` does not exist.
-        ValueError: not a weights-only state dict, it does not fit the network, or a prefix of
+        FileNotFoundError: ``path`` does not exist (a :class:`~scripts.checkpoint.MissingCheckpointError`).
+        ValueError: not a plain state dict, it does not fit the network (a
+            :class:`~scripts.checkpoint.CheckpointError`, one line naming the file), or a prefix of
             ``exclude`` matches none of the network's keys.
     """
     if not path:
@@ -430,20 +434,15 @@ def load_init_checkpoint(net: nn.Module, path: str | None, exclude: Sequence[str
     own = target.state_dict()
     for prefix in exclude:
         if not any(k.startswith(prefix) for k in own):
-            raise ValueError(f"init_exclude {prefix!r} matches no weight of network_def (keys start e.g. with 'attention.', 'decoder.', 'backbone.')")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"init_checkpoint {path}: no such file")
-    try:
-        sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # any unpickling failure is reported with the file's name
-        raise ValueError(f"init_checkpoint {path}: not a weights-only state dict ({type(e).__name__})") from None
-    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
-        sd = sd["model"]
+            raise CheckpointError(
+                f"init_exclude {prefix!r} matches no weight of network_def "
+                "(keys start e.g. with 'attention.', 'decoder.', 'backbone.')"
+            )
+    name = f"init_checkpoint {os.path.normpath(str(path))}"
+    sd = read_state_dict(path, name)
     sd = widen_inputs(sd, own)
     if exclude:  # the excluded weights come from the network itself, whether the checkpoint has them or not
         sd = {**{k: v for k, v in sd.items() if not k.startswith(exclude)}, **{k: v for k, v in own.items() if k.startswith(exclude)}}
-    try:
-        target.load_state_dict(sd)
-    except RuntimeError as e:
-        raise ValueError(f"init_checkpoint {path} does not fit network_def (check drr_skips and the widths): {e}") from None
+    check_fits(sd, target, name)
+    target.load_state_dict(sd)
     return net
