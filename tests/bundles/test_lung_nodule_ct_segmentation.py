@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -524,15 +525,16 @@ def test_evaluate_and_inference_write_metrics_masks_and_tables(trained, tiny_lun
             assert col in header
 
 
-def _phantom_ct(size: int = 64, seed: int = 0) -> np.ndarray:
-    """A 1 mm chest-like int16 HU volume ``(z, y, x)``: soft-tissue body, a lung, a 10 mm solid nodule in it."""
+def _phantom_ct(size: int = 64, seed: int = 0, nodule: bool = True) -> np.ndarray:
+    """A 1 mm chest-like int16 HU volume ``(z, y, x)``: soft-tissue body, a lung, a 10 mm solid nodule in it or none."""
     rng = np.random.default_rng(seed)
     z, y, x = np.ogrid[:size, :size, :size]
     c = (size - 1) / 2
     hu = np.full((size, size, size), -1000.0)
     hu[:, 4:-4, 4:-4] = 40.0
     hu[((x - c) / (0.35 * size)) ** 2 + ((y - c) / (0.35 * size)) ** 2 + ((z - c) / (0.45 * size)) ** 2 <= 1] = -850.0
-    hu[(x - c - 4) ** 2 + (y - c) ** 2 + (z - c) ** 2 <= 25] = 40.0
+    if nodule:
+        hu[(x - c - 4) ** 2 + (y - c) ** 2 + (z - c) ** 2 <= 25] = 40.0
     return np.rint(hu + rng.normal(0, 15, hu.shape)).astype(np.int16)
 
 
@@ -622,16 +624,280 @@ def test_inference_on_a_folder_writes_one_agreeing_output_per_format(tmp_path):
     assert tables["ct_nifti"] and tables["ct_meta"] == tables["ct_nifti"] == tables["1.2.826.0.1.3680043"]
 
 
+def _write_bad_scan(kind: str, folder: Path) -> Path:
+    """A scan the bundle must refuse: ``2d``, ``4d`` (3 volumes), ``all_air`` or ``all_nan`` (40 x 40 x 40 at 1 mm)."""
+    path = folder / f"{kind}.nii.gz"
+    if kind == "2d":
+        nib.save(nib.Nifti1Image(np.zeros((40, 40), np.int16), np.eye(4)), path)
+    elif kind == "4d":
+        nib.save(nib.Nifti1Image(np.zeros((40, 40, 20, 3), np.int16), np.eye(4)), path)
+    elif kind == "all_air":
+        _write_ct(np.full((40, 40, 40), -1000, np.int16), path)
+    else:
+        _write_ct(np.full((40, 40, 40), np.nan, np.float32), path)
+    return path
+
+
+BAD_SCANS = {
+    "2d": r"image of shape \(1, 40, 40\) \(channel first\) is not a 3D CT volume",
+    "4d": r"image of shape \(3, 40, 40, 20\) \(channel first\) is not a 3D CT volume",
+    "all_air": r"no voxel above -500 HU \(the config's body_hu\): an empty or all-air scan",
+    "all_nan": r"all 64000 voxels are NaN or infinite",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_SCANS))
+def test_a_bad_scan_is_refused_in_one_line_naming_it(tmp_path, caplog, kind):
+    """A 2D, 4D, all-air or all-NaN scan is refused by the inference preprocessing: one line ``<input>: <problem>``."""
+    import logging
+
+    from monai.bundle import ConfigParser
+
+    path = _write_bad_scan(kind, tmp_path)
+    with bundle_scripts(BUNDLE) as scripts:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        ds = scripts.InputDataset([{"image": str(path)}], transform=parser.get_parsed_content("preprocessing"))
+        with caplog.at_level(logging.ERROR, logger="scripts.inputs"):
+            assert list(ds) == []  # before: an all-air scan went on as a 0 x 0 x 0 crop, an all-NaN one as NaN
+    assert ds.failed == [str(path)]
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "scripts.inputs"]
+    assert re.match(re.escape(f"{path}: ") + BAD_SCANS[kind], line) and "\n" not in line, line
+
+
+def test_nan_voxels_are_read_as_air_with_a_warning_or_refused_by_switch(tmp_path, caplog):
+    """NaN/inf voxels reach the network as air (-1000 HU), counted in a warning naming the file; 'raise' refuses."""
+    import logging
+
+    from monai.bundle import ConfigParser
+
+    vol = _phantom_ct(40).astype(np.float32)
+    vol[0:5, 2:12, 2:12] = np.nan  # 500 voxels
+    vol[39, 0, 0:3] = [np.inf, -np.inf, np.inf]
+    path = _write_ct(vol, tmp_path / "holes.nii.gz")
+    with bundle_scripts(BUNDLE) as scripts:
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        with caplog.at_level(logging.WARNING, logger="scripts.transforms"):
+            image = parser.get_parsed_content("preprocessing")({"image": str(path)})["image"]
+        assert torch.isfinite(image).all()  # before: the NaN went on to the network
+        assert int(image.meta["non_finite_voxels"]) == 503
+        raw = scripts.LoadScand("image", ensure_channel_first=True, image_only=True)({"image": str(path)})
+        aired = scripts.NonFiniteToAird("image")(raw)["image"]
+        assert (aired[0].numpy().transpose(2, 1, 0)[~np.isfinite(vol)] == -1000).all()
+        assert np.array_equal(aired[0].numpy().transpose(2, 1, 0)[np.isfinite(vol)], vol[np.isfinite(vol)])
+        parser["non_finite"] = "raise"
+        ds = scripts.InputDataset([{"image": str(path)}], transform=parser.get_parsed_content("preprocessing"))
+        assert list(ds) == [] and ds.failed == [str(path)]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "scripts.transforms"]
+    share = f"{path}: 503 of 64000 voxels (0.79 %) are NaN or infinite"
+    # twice: the config's preprocessing, then the transform alone
+    assert warnings == [f"{share}; set to air (-1000 HU), nodules there cannot be found"] * 2
+    refused = [r.getMessage() for r in caplog.records if r.name == "scripts.inputs"]
+    assert refused == [f"{share}; set the config key `non_finite` to 'air' to read them as air"]
+
+
+@pytest.mark.slow
+def test_a_nan_block_away_from_the_nodule_leaves_it_found(tmp_path):
+    """A block of NaN voxels far from the nodule: the clean scan's mask (it used to be empty, exit 0)."""
+    vol = _phantom_ct(64)
+    holed = vol.astype(np.float32)
+    holed[0:10, 6:30, 6:30] = np.nan  # 5760 voxels at the scan's corner; the nodule is at its centre
+    folder = tmp_path / "scans"
+    _write_ct(vol, folder / "clean.nii.gz"), _write_ct(holed, folder / "holed.nii.gz")
+    proc = run_bundle(BUNDLE, ["configs/inference.json"], input_path=str(folder), output_dir=str(tmp_path / "pred"))
+    clean, holed = (np.asarray(nib.load(tmp_path / f"pred/{n}_nodules.nii.gz").dataobj) > 0 for n in ("clean", "holed"))
+    assert clean.sum() > 100 and 2 * (clean & holed).sum() / (clean.sum() + holed.sum()) > 0.95
+    warning = f"{folder / 'holed.nii.gz'}: 5760 of 262144 voxels (2.2 %) are NaN or infinite; set to air"
+    assert warning in proc.stdout + proc.stderr
+    with open(tmp_path / "pred/scans.csv") as f:
+        scans = {r["case_id"]: r for r in csv.DictReader(f)}
+    assert (scans["clean"]["non_finite_voxels"], scans["holed"]["non_finite_voxels"]) == ("0", "5760")
+    assert scans["clean"]["nodules"] == scans["holed"]["nodules"] == "1"
+
+
+class _Engine:
+    """What NoduleTableWriter reads of an ignite engine: ``state.output``, a list of output items."""
+
+    def __init__(self, items: list[dict]) -> None:
+        self.state = type("State", (), {"output": items})()
+
+
+def _table_item(path: str, volumes: list[float], non_finite: int = 0) -> dict:
+    from monai.data import MetaTensor
+
+    image = MetaTensor(torch.zeros(1, 2, 2, 2), meta={"filename_or_obj": path, "non_finite_voxels": non_finite})
+    return {"image": image, "nodules": [{"nodule": i + 1, "volume_mm3": v} for i, v in enumerate(volumes)]}
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_tables_keep_earlier_runs_and_replace_the_rows_of_a_rerun_scan(tmp_path):
+    """The tables keep earlier runs' rows, replace (never repeat) a rerun scan's, have a full header with no nodule."""
+    out = tmp_path / "pred"
+    with bundle_scripts(BUNDLE) as scripts:
+        columns = ["case_id", *scripts.transforms.NODULE_COLUMNS]
+        first = scripts.NoduleTableWriter(str(out))  # a run on one scan without any nodule
+        first.iteration_completed(_Engine([_table_item("/d/clear.nii.gz", [])]))
+        header, rows = _read_csv(out / "nodules.csv")
+        assert header == columns and rows == []  # before: the header was case_id alone
+        second = scripts.NoduleTableWriter(str(out))  # a later run into the same folder
+        second.iteration_completed(_Engine([_table_item("/d/a.nii.gz", [500.0, 40.0], non_finite=12)]))
+        second.iteration_completed(_Engine([_table_item("/d/b.mha", [90.0])]))
+        third = scripts.NoduleTableWriter(str(out))  # a rerun of a.nii.gz, which now finds one nodule
+        third.iteration_completed(_Engine([_table_item("/e/a.nii.gz", [480.0])]))
+        header, rows = _read_csv(out / "nodules.csv")
+        assert header == columns
+        assert [(r["case_id"], r["nodule"], r["volume_mm3"]) for r in rows] == [("b", "1", "90.0"), ("a", "1", "480.0")]
+        header, scans = _read_csv(out / "scans.csv")
+        assert header == ["case_id", "input", "nodules", "non_finite_voxels"]
+        assert [tuple(r.values()) for r in scans] == [
+            ("clear", "/d/clear.nii.gz", "0", "0"), ("b", "/d/b.mha", "1", "0"), ("a", "/e/a.nii.gz", "1", "0"),
+        ]
+        assert sorted(p.name for p in out.iterdir()) == ["nodules.csv", "scans.csv"]  # no temporary file left
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other/nodules.csv").write_text("patient,finding\np1,none\n")  # someone else's table: not replaced
+        with pytest.raises(SystemExit, match=r"other/nodules\.csv: exists but is not a table of this bundle"):
+            scripts.NoduleTableWriter(str(tmp_path / "other"))
+        assert (tmp_path / "other/nodules.csv").read_text() == "patient,finding\np1,none\n"
+
+
+@pytest.mark.slow
+def test_a_second_run_into_the_same_folder_keeps_the_first_runs_rows(tmp_path):
+    """Two runs into one output_dir: the first run's rows stay, a rerun scan's appear once, a clear scan is listed."""
+    vol = _phantom_ct(48)
+    for name in ("a.nii.gz", "c.nii.gz"):
+        _write_ct(vol, tmp_path / name)
+    _write_ct(_phantom_ct(48, nodule=False), tmp_path / "clear.mha")
+    out = str(tmp_path / "pred")
+    inputs = json.dumps([str(tmp_path / "a.nii.gz"), str(tmp_path / "c.nii.gz")])
+    run_bundle(BUNDLE, ["configs/inference.json"], input_path=inputs, output_dir=out)
+    _, first = _read_csv(tmp_path / "pred/nodules.csv")
+    assert sorted(r["case_id"] for r in first) == ["a", "c"]  # one nodule each
+    inputs = json.dumps([str(tmp_path / "clear.mha"), str(tmp_path / "a.nii.gz")])
+    run_bundle(BUNDLE, ["configs/inference.json"], input_path=inputs, output_dir=out)
+    _, rows = _read_csv(tmp_path / "pred/nodules.csv")
+    # c: before, its rows were gone while its mask stayed
+    assert [r for r in rows if r["case_id"] == "c"] == [r for r in first if r["case_id"] == "c"]
+    assert [r for r in rows if r["case_id"] == "a"] == [r for r in first if r["case_id"] == "a"]  # once, not twice
+    assert len(rows) == 2
+    _, scans = _read_csv(tmp_path / "pred/scans.csv")
+    assert {r["case_id"]: r["nodules"] for r in scans} == {"a": "1", "c": "1", "clear": "0"}
+    masks = sorted(p.name for p in (tmp_path / "pred").glob("*_nodules.nii.gz"))
+    assert masks == ["a_nodules.nii.gz", "c_nodules.nii.gz", "clear_nodules.nii.gz"]
+
+
+def _bad_checkpoint(kind: str, path: Path) -> None:
+    """Write a ``model.pt`` that is not the config's network weights."""
+    from monai.networks.nets import UNet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shipped = (BUNDLE / "models/model.pt").read_bytes()
+    if kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "list":
+        torch.save([torch.zeros(3)], path)
+    elif kind == "truncated":
+        path.write_bytes(shipped[: len(shipped) // 2])
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "other_network":
+        torch.save(UNet(3, 1, 1, (4, 8), (2,)).state_dict(), path)
+    elif kind == "other_channels":
+        with bundle_scripts(BUNDLE) as scripts:
+            net = scripts.DeepSupervisionAttentionUnet(channels=(4, 8, 16, 32), strides=(2, 2, 2))
+            torch.save(net.state_dict(), path)
+    elif kind == "needs_code":
+        torch.save({"model": _NeedsCode()}, path)
+
+
+class _NeedsCode:
+    """Unpickling calls ``print``: a file that only loads with weights_only=False (harmless here)."""
+
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+BAD_CHECKPOINTS = {
+    "tensor": "holds a Tensor, not a plain state dict",
+    "list": "holds a list, not a plain state dict",
+    "truncated": "truncated or corrupt (not a complete PyTorch zip archive)",
+    "empty": "empty file (0 bytes), not a checkpoint",
+    "other_network": "not the weights of network_def (",
+    "other_channels": "model.0.conv.0.conv.weight has shape (4, 1, 3, 3, 3), network_def's (8, 1, 3, 3, 3)",
+    "needs_code": "a pickle that needs code to load (print); weights are loaded with weights_only=True",
+    "missing": "checkpoint not found",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_is_refused_in_one_line_naming_it(tmp_path, kind, capsys):
+    """A model.pt: a tensor, a list, truncated, empty, another network's, a pickle needing code, missing: named."""
+    from monai.bundle import ConfigParser
+
+    _bad_checkpoint(kind, tmp_path / "models/model.pt")
+    with bundle_scripts(BUNDLE):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        parser["ckpt_dir"] = str(tmp_path / "models")
+        parser["input_path"] = str(tmp_path)
+        with pytest.raises(SystemExit) as err:  # before: made without looking at the file; failed later, deep in MONAI
+            parser.get_parsed_content("handlers")
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'models/model.pt'}: {BAD_CHECKPOINTS[kind]}"), message
+    assert "\n" not in message
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
+def test_the_shipped_checkpoint_loads_through_the_checked_loader():
+    """inference.json's checkpoint loader puts models/model.pt into the network unchanged."""
+    from monai.bundle import ConfigParser
+
+    with bundle_scripts(BUNDLE):
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        parser["device"] = "$torch.device('cpu')"
+        parser["ckpt_dir"] = str(BUNDLE / "models")
+        loader = parser.get_parsed_content("handlers")[0]
+        loader(None)
+        net = parser.get_parsed_content("network")
+    shipped = torch.load(BUNDLE / "models/model.pt", weights_only=True)
+    assert set(net.state_dict()) == set(shipped)
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in shipped.items())
+
+
+def test_inference_with_a_bad_checkpoint_stops_with_one_line(tmp_path):
+    """inference.json with a model.pt holding a tensor exits 1 with one line naming it, no traceback, no output."""
+    _bad_checkpoint("tensor", tmp_path / "models/model.pt")
+    _write_ct(_phantom_ct(24), tmp_path / "ct.nii.gz")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
+           "--input_path", str(tmp_path / "ct.nii.gz"), "--ckpt_dir", str(tmp_path / "models"),
+           "--output_dir", str(tmp_path / "pred")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(cmd, cwd=BUNDLE, env=env, capture_output=True, text=True, timeout=300)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 1, log[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"{tmp_path / 'models/model.pt'}: holds a Tensor, not a plain state dict (parameter names -> tensors)"
+    ), log[-3000:]
+    assert "Traceback" not in log and not list((tmp_path / "pred").iterdir())
+
+
 @pytest.mark.slow
 def test_bad_inputs_in_a_list_are_refused_by_name_and_the_others_written(tmp_path):
-    """Bad items of a list (unreadable .mha, 2D image) are refused by name in one line; later ones are written."""
+    """Bad items of a list (unreadable .mha, 2D, 4D, all-air, all-NaN) are refused by name in one line; others go on."""
     vol = _phantom_ct(40)
     good = [_write_ct(vol, tmp_path / "first.nii.gz"), _write_ct(vol[::-1].copy(), tmp_path / "last.mha")]
     broken = tmp_path / "broken.mha"
     broken.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4\nElementDataFile = nowhere.raw\n")
     flat = tmp_path / "flat.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((40, 40), np.int16), np.eye(4)), flat)
-    inputs = [str(good[0]), str(broken), str(flat), str(good[1])]
+    more = [_write_bad_scan(kind, tmp_path) for kind in ("4d", "all_air", "all_nan")]
+    inputs = [str(good[0]), str(broken), str(flat), *map(str, more), str(good[1])]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
            "--input_path", json.dumps(inputs), "--output_dir", str(tmp_path / "pred")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": ""}
@@ -643,7 +909,11 @@ def test_bad_inputs_in_a_list_are_refused_by_name_and_the_others_written(tmp_pat
     lines = log.splitlines()
     assert any(f"{broken}: cannot be read as an image" in ln for ln in lines), log[-3000:]
     assert any(f"{flat}: image of shape (1, 40, 40)" in ln and "not a 3D CT volume" in ln for ln in lines), log[-3000:]
-    assert proc.stderr.strip().splitlines()[-1] == f"2 of 4 inputs failed (see the log): {broken}, {flat}"
+    for path in more:
+        kind = path.name[: -len(".nii.gz")]
+        assert any(re.search(re.escape(f"{path}: ") + BAD_SCANS[kind], ln) for ln in lines), (kind, log[-3000:])
+    failed = ", ".join(map(str, [broken, flat, *more]))
+    assert proc.stderr.strip().splitlines()[-1] == f"5 of 7 inputs failed (see the log): {failed}"
     assert "Traceback" not in log  # one line per refused input and one at the end, no traceback
 
 

@@ -4,6 +4,10 @@
   spacing is not the configured one (training and evaluation: labels would be resampled by nearest
   neighbour and small nodules distorted) or too coarse for nodules (any use) is refused with the file
   named.
+* :class:`NonFiniteToAird`: NaN or infinite voxels are set to air with a warning naming the file and
+  their count (or refused, by a config switch); a scan with no finite voxel is refused.
+* :class:`CheckBodyd`: a scan with nothing above the body threshold (empty, all air) is refused, naming
+  the file, before the sliding window would fail on a crop of 0 voxels.
 * :class:`CheckSized`: a scan (after resampling) smaller than the patch is padded with air, or
   refused, by a config switch, with the file named.
 * :class:`NoduleTabled`: the per-nodule table of a post-processed mask (centre in world LPS mm,
@@ -25,7 +29,17 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform, SpatialPad
 from scipy import ndimage
 
-__all__ = ["CheckSpacingd", "CheckSized", "InForegroundBoxd", "NoduleTabled", "source_name", "voxel_spacing", "voxel_to_world_lps"]
+__all__ = [
+    "NODULE_COLUMNS", "CheckBodyd", "CheckSpacingd", "CheckSized", "InForegroundBoxd", "NonFiniteToAird",
+    "NoduleTabled", "source_name", "voxel_spacing", "voxel_to_world_lps",
+]
+
+# the columns of a NoduleTabled row, in order (nodules.csv adds case_id in front)
+NODULE_COLUMNS = (
+    "nodule", "centre_x_mm", "centre_y_mm", "centre_z_mm", "voxel_i", "voxel_j", "voxel_k", "volume_mm3",
+    "equivalent_diameter_mm", "mean_probability", "max_probability",
+)
+NON_FINITE_KEY = "non_finite_voxels"  # image metadata: voxels NonFiniteToAird set to air
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +124,89 @@ class CheckSpacingd(MapTransform):
                     "training and evaluation need scans prepared at the model's spacing (e.g. "
                     "`python -m data_prep luna16 ... --spacing 1`), because resampling a nodule label map "
                     "distorts small nodules. Inference resamples any spacing."
+                )
+        return d
+
+
+class NonFiniteToAird(MapTransform):
+    """Set NaN and infinite voxels of a CT to air with a warning (or refuse the scan), naming the file.
+
+    Why: one NaN inside a sliding window makes the network's whole window NaN (convolutions and the
+    Gaussian blending carry it), so a block of NaN voxels far from a nodule used to erase it from the
+    mask without a word. NaN marks voxels without a measurement (outside the reconstruction circle, the
+    padding of a resampled or cropped volume): scanners write such voxels as air or below, so air is
+    the reading that keeps the rest of the scan usable. Nodules inside those voxels cannot be found;
+    the count is logged and kept in the image's metadata (``non_finite_voxels``, 0 when none) for the
+    scan table.
+
+    Args:
+        keys: image key(s) (raw HU, before resampling: interpolation would spread the NaN).
+        mode: ``"air"`` (set them to ``air_hu``, log a warning) or ``"raise"`` (refuse the scan).
+            Default "air". A scan without any finite voxel is refused either way.
+        air_hu: the value they get. Default -1000.
+        allow_missing_keys: as MONAI. Default False.
+    """
+
+    def __init__(
+        self, keys: KeysCollection, mode: str = "air", air_hu: float = -1000.0, allow_missing_keys: bool = False
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if mode not in ("air", "raise"):
+            raise ValueError(f"non_finite mode must be 'air' or 'raise', got {mode!r}")
+        self.mode = mode
+        self.air_hu = float(air_hu)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            count = 0
+            if torch.is_tensor(img) and img.is_floating_point():
+                bad = ~torch.isfinite(img.as_tensor() if isinstance(img, MetaTensor) else img)
+                count = int(bad.sum())
+            elif not torch.is_tensor(img) and np.issubdtype(np.asarray(img).dtype, np.floating):
+                bad = ~np.isfinite(np.asarray(img))
+                count = int(bad.sum())
+            total = int(np.prod(img.shape))
+            if count and count == total:
+                raise ValueError(f"{source_name(d, key)}: all {total} voxels are NaN or infinite, no CT value")
+            if count:
+                name, pct = source_name(d, key), f"{100 * count / total:.2g} %"
+                share = f"{name}: {count} of {total} voxels ({pct}) are NaN or infinite"
+                if self.mode == "raise":
+                    raise ValueError(f"{share}; set the config key `non_finite` to 'air' to read them as air")
+                logger.warning(f"{share}; set to air ({self.air_hu:g} HU), nodules there cannot be found")
+                img = img.clone() if torch.is_tensor(img) else np.array(img, copy=True)
+                img[bad] = self.air_hu
+            if isinstance(img, MetaTensor):
+                img.meta[NON_FINITE_KEY] = count
+            d[key] = img
+        return d
+
+
+class CheckBodyd(MapTransform):
+    """Refuse a scan with no voxel inside the body (after ``CropForegroundd`` to the body: 0 voxels), naming the file.
+
+    An empty or all-air scan has no body to crop to; the sliding window then failed with "patch size
+    (0, 0, 0) ... Seems to be OOM" and stopped the whole run.
+
+    Args:
+        keys: the cropped image key(s) ``(C, H, W, D)``.
+        body_hu: the body threshold of the crop (HU), for the message. Default -500.
+        allow_missing_keys: as MONAI. Default False.
+    """
+
+    def __init__(self, keys: KeysCollection, body_hu: float = -500.0, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.body_hu = float(body_hu)
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if min(d[key].shape[1:], default=0) == 0:
+                raise ValueError(
+                    f"{source_name(d, key)}: no voxel above {self.body_hu:g} HU (the config's body_hu): an empty or "
+                    "all-air scan, no body to segment"
                 )
         return d
 
