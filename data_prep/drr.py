@@ -46,8 +46,8 @@ try:
 except ImportError as exc:  # torch is the drr extra, not a core dependency
     raise ImportError("the drr step needs torch: pip install -c constraints.txt -e '.[drr]'") from exc
 
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
-from .runner import run_cases
+from data_prep.outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
+from data_prep.runner import run_cases
 
 __all__ = [
     "DrrGeometry", "Pose", "AttenuationCurve", "XrayStyle", "DrrParams", "CT_CURVE", "XRAY_CURVE",
@@ -492,7 +492,7 @@ def render_case_arrays(
     framing = lungs
     if params.drr_region == "lungs":  # two more channels: the HU channels inside the lung field
         if lung_field is None:
-            from .lung_mask import lung_mask
+            from data_prep.lung_mask import lung_mask
 
             lung_field = lung_mask(hu, tuple(spacing))
         if lung_field.shape != hu.shape:

@@ -19,15 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from .datalist import build_datalist
-from .dicom_index import DicomIndex, index_dicom
-from .dicom_series import HU_MIN, SeriesError, load_ct_series
-from .lidc_nodules import CHARACTERISTICS, nodule_labels
-from .case_output import SUBDIRS, write_case
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
-from .pylidc_compat import import_pylidc
-from .resample import resample_stack, target_grid
-from .runner import run_cases
+from data_prep.datalist import build_datalist
+from data_prep.dicom_index import DicomIndex, index_dicom
+from data_prep.dicom_series import HU_MIN, SeriesError, load_ct_series
+from data_prep.lidc_nodules import CHARACTERISTICS, nodule_labels
+from data_prep.case_output import SUBDIRS, write_case
+from data_prep.outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
+from data_prep.pylidc_compat import import_pylidc
+from data_prep.resample import resample_stack, target_grid
+from data_prep.runner import run_cases
 
 __all__ = ["LidcParams", "prepare_lidc", "prepare_case", "case_ids", "NODULE_COLUMNS", "NoSeriesError"]
 

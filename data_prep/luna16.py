@@ -42,15 +42,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .datalist import build_datalist
-from .dicom_series import HU_MIN, SeriesError
-from .lidc_nodules import CHARACTERISTICS, nodule_labels
-from .case_output import SUBDIRS, write_case
-from .mhd import read_mhd
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
-from .pylidc_compat import import_pylidc
-from .resample import Grid, resample_stack, target_grid
-from .runner import run_cases
+from data_prep.datalist import build_datalist
+from data_prep.dicom_series import HU_MIN, SeriesError
+from data_prep.lidc_nodules import CHARACTERISTICS, nodule_labels
+from data_prep.case_output import SUBDIRS, write_case
+from data_prep.mhd import read_mhd
+from data_prep.outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
+from data_prep.pylidc_compat import import_pylidc
+from data_prep.resample import Grid, resample_stack, target_grid
+from data_prep.runner import run_cases
 
 __all__ = [
     "Luna16Params", "Annotation", "prepare_luna16", "prepare_case", "read_annotations", "find_scans",

@@ -50,8 +50,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .outputs import OutputError, package_versions, write_csv, write_json
-from .pylidc_compat import import_pylidc
+from data_prep.outputs import OutputError, package_versions, write_csv, write_json
+from data_prep.pylidc_compat import import_pylidc
 
 __all__ = [
     "scan_nodule_rows",
@@ -305,7 +305,7 @@ def _series_geometry(files: Sequence[str]) -> tuple[float, float, float, float] 
 
 def _dicom_origins(dicom_root, uids: set[str], patients, workers: int, progress: bool) -> tuple[dict, dict]:
     """In-plane geometry per SeriesInstanceUID found under ``dicom_root``, and what went wrong."""
-    from .dicom_index import index_dicom
+    from data_prep.dicom_index import index_dicom
 
     index = index_dicom(dicom_root, patients=patients, workers=workers, progress=progress)
     geometry, problems = {}, {}

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_series import HU_MAX, HU_MIN, CTVolume, SeriesError
+from data_prep.dicom_series import HU_MAX, HU_MIN, CTVolume, SeriesError
 
 __all__ = ["MhdError", "MhdHeader", "MhdImage", "read_mhd_header", "read_mhd", "write_mhd", "ELEMENT_BYTES"]
 

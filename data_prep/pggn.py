@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image
-from .pggn_features import FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features
-from .runner import run_cases
+from data_prep.outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image
+from data_prep.pggn_features import FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features
+from data_prep.runner import run_cases
 
 __all__ = ["PggnParams", "PGGN_COLUMNS", "prepare_pggn", "pggn_case", "fixed_crop", "bbox_crop", "load_folds"]
 

@@ -24,13 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .datalist import patient_folds
-from .lidc import case_ids
-from .lidc_nodules import CHARACTERISTICS
-from .outputs import Manifest, package_versions, prepare_out_dir, write_csv
-from .pggn_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
-from .pylidc_compat import import_pylidc
-from .runner import run_cases
+from data_prep.datalist import patient_folds
+from data_prep.lidc import case_ids
+from data_prep.lidc_nodules import CHARACTERISTICS
+from data_prep.outputs import Manifest, package_versions, prepare_out_dir, write_csv
+from data_prep.pggn_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
+from data_prep.pylidc_compat import import_pylidc
+from data_prep.runner import run_cases
 
 __all__ = ["PggnTableParams", "TABLE_COLUMNS", "cluster_row", "scan_rows", "prepare_pggn_table"]
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from .outputs import Manifest
+from data_prep.outputs import Manifest
 
 __all__ = ["run_cases"]
 
@@ -41,7 +41,7 @@ def run_cases(
 
     bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=not progress)
     if scheduler:
-        from .dask_runner import run_cases_dask
+        from data_prep.dask_runner import run_cases_dask
 
         try:
             run_cases_dask(worker, tasks, manifest, scheduler, bar)

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .luna16_annotations import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
-from .mhd import write_mhd
-from .outputs import write_csv
-from .synthetic import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
-from .synthetic_phantom import field_of_view, render_phantom
+from data_prep.luna16_annotations import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
+from data_prep.mhd import write_mhd
+from data_prep.outputs import write_csv
+from data_prep.synthetic import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
+from data_prep.synthetic_phantom import field_of_view, render_phantom
 
 __all__ = ["write_synthetic_luna16", "luna16_annotations", "LUNA16_PADDING"]
 
