@@ -56,7 +56,7 @@ def main() -> None:
         work = Path(tmp)
         root = Path(args.dicom_root) if args.dicom_root else work / "dicom"
         if not args.dicom_root:
-            from data_prep.synthetic import write_synthetic_lidc
+            from data_prep.synthetic.lidc_dicom import write_synthetic_lidc
 
             print(f"writing a full-size demo scan of {args.patient} ...", flush=True)
             write_synthetic_lidc(root, patient_ids=[args.patient], size="full")

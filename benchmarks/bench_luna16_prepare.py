@@ -93,7 +93,7 @@ def main() -> None:
         if args.mhd:
             mhd, csv_path = Path(args.mhd), Path(args.annotations)
         else:
-            from data_prep.synthetic_luna16 import write_synthetic_luna16
+            from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 
             print(f"writing a full-size demo scan of {args.patient} in LUNA16 form ...", flush=True)
             info = write_synthetic_luna16(work / "luna", patient_ids=[args.patient], size="full")

@@ -278,7 +278,7 @@ def _run_luna16_annotations(args) -> int:
 
 
 def _run_synth_luna16(args) -> int:
-    from data_prep.synthetic_luna16 import write_synthetic_luna16
+    from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 
     res = write_synthetic_luna16(
         args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,
@@ -291,7 +291,7 @@ def _run_synth_luna16(args) -> int:
 
 
 def _run_synth_lidc(args) -> int:
-    from data_prep.synthetic import write_synthetic_lidc
+    from data_prep.synthetic.lidc_dicom import write_synthetic_lidc
 
     series = write_synthetic_lidc(
         args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,

