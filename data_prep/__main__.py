@@ -324,10 +324,10 @@ def _run_drr(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from data_prep.dicom_series import SeriesError
+    from data_prep.io.dicom_series import SeriesError
     from data_prep.lidc import NoSeriesError
-    from data_prep.dask_runner import SchedulerError
-    from data_prep.outputs import OutputError
+    from data_prep.run.dask_cluster import SchedulerError
+    from data_prep.io.writers import OutputError
 
     runners = {
         "lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "luna16": _run_luna16, "synth-luna16": _run_synth_luna16,
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     try:
         if getattr(args, "scheduler", None):  # fail before any long indexing when the cluster is unreachable
-            from data_prep.dask_runner import connect
+            from data_prep.run.dask_cluster import connect
 
             connect(args.scheduler).close()
         return runners[args.step](args)

@@ -46,8 +46,10 @@ try:
 except ImportError as exc:  # torch is the drr extra, not a core dependency
     raise ImportError("the drr step needs torch: pip install -c constraints.txt -e '.[drr]'") from exc
 
-from data_prep.outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
-from data_prep.runner import run_cases
+from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
+
+from data_prep.run.manifest import Manifest
+from data_prep.run.cases import run_cases
 
 __all__ = [
     "DrrGeometry", "Pose", "AttenuationCurve", "XrayStyle", "DrrParams", "CT_CURVE", "XRAY_CURVE",

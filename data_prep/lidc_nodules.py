@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.dicom_series import CTVolume
+from data_prep.io.dicom_series import CTVolume
 from data_prep.resample import Grid, resample_stack
 
 __all__ = ["NoduleRecord", "CHARACTERISTICS", "nodule_labels"]

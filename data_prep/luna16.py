@@ -25,7 +25,7 @@ Bad input: an annotation whose centre is outside its scan is listed in ``nodules
 and in the manifest's ``errors`` (naming its CSV row); a seriesuid of the CSV with no ``.mhd`` is
 recorded there too; a CSV with missing columns, non-numeric values or a diameter <= 0 is refused
 with a ``ValueError`` naming the file and row before anything runs. A scan that cannot be read
-(see :mod:`data_prep.mhd`) fails its case and the run goes on; a rerun resumes.
+(see :mod:`data_prep.io.mhd`) fails its case and the run goes on; a rerun resumes.
 """
 
 from __future__ import annotations
@@ -42,15 +42,16 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.datalist import build_datalist
-from data_prep.dicom_series import HU_MIN, SeriesError
+from data_prep.run.datalist import build_datalist
+from data_prep.io.dicom_series import HU_MIN, SeriesError
 from data_prep.lidc_nodules import CHARACTERISTICS, nodule_labels
-from data_prep.case_output import SUBDIRS, write_case
-from data_prep.mhd import read_mhd
-from data_prep.outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
+from data_prep.io.case_files import SUBDIRS, write_case
+from data_prep.io.mhd import read_mhd
+from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
+from data_prep.run.manifest import Manifest
 from data_prep.pylidc_compat import import_pylidc
 from data_prep.resample import Grid, resample_stack, target_grid
-from data_prep.runner import run_cases
+from data_prep.run.cases import run_cases
 
 __all__ = [
     "Luna16Params", "Annotation", "prepare_luna16", "prepare_case", "read_annotations", "find_scans",

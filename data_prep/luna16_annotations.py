@@ -50,7 +50,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.outputs import OutputError, package_versions, write_csv, write_json
+from data_prep.io.writers import OutputError, package_versions, write_csv, write_json
 from data_prep.pylidc_compat import import_pylidc
 
 __all__ = [
@@ -305,7 +305,7 @@ def _series_geometry(files: Sequence[str]) -> tuple[float, float, float, float] 
 
 def _dicom_origins(dicom_root, uids: set[str], patients, workers: int, progress: bool) -> tuple[dict, dict]:
     """In-plane geometry per SeriesInstanceUID found under ``dicom_root``, and what went wrong."""
-    from data_prep.dicom_index import index_dicom
+    from data_prep.io.dicom_index import index_dicom
 
     index = index_dicom(dicom_root, patients=patients, workers=workers, progress=progress)
     geometry, problems = {}, {}

@@ -42,9 +42,11 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from data_prep.outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image
+from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image
+
+from data_prep.run.manifest import Manifest
 from data_prep.pggn_features import FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features
-from data_prep.runner import run_cases
+from data_prep.run.cases import run_cases
 
 __all__ = ["PggnParams", "PGGN_COLUMNS", "prepare_pggn", "pggn_case", "fixed_crop", "bbox_crop", "load_folds"]
 

@@ -7,7 +7,7 @@ One row per reader cluster (``Scan.cluster_annotations``) of every scan (all 1,0
   cubes on the native grid), each averaged over the cluster's readers;
 * the readers' median characteristics except malignancy (:data:`data_prep.pggn_features.FEATURE_CHARACTERISTICS`);
 * labels ``malignant`` and ``ggn`` from the median malignancy and texture (:class:`LabelRules`);
-* ``fold``: patient-level folds over the selected patients (:func:`data_prep.datalist.patient_folds`).
+* ``fold``: patient-level folds over the selected patients (:func:`data_prep.run.datalist.patient_folds`).
 
 ``nodule_id`` (``<case_id>_c<cluster_index>``) and ``case_id`` are those of the ``lidc`` and ``pggn``
 steps, so rows of this table and of the image table of the same nodule share their id. Each scan
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.datalist import patient_folds
+from data_prep.run.datalist import patient_folds
 from data_prep.lidc import case_ids
 from data_prep.lidc_nodules import CHARACTERISTICS
-from data_prep.outputs import Manifest, package_versions, prepare_out_dir, write_csv
+from data_prep.io.writers import package_versions, prepare_out_dir, write_csv
+from data_prep.run.manifest import Manifest
 from data_prep.pggn_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
 from data_prep.pylidc_compat import import_pylidc
-from data_prep.runner import run_cases
+from data_prep.run.cases import run_cases
 
 __all__ = ["PggnTableParams", "TABLE_COLUMNS", "cluster_row", "scan_rows", "prepare_pggn_table"]
 

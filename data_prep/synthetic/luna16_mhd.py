@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.luna16_annotations import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
-from data_prep.mhd import write_mhd
-from data_prep.outputs import write_csv
+from data_prep.io.mhd import write_mhd
+from data_prep.io.writers import write_csv
 from data_prep.synthetic.lidc_dicom import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
 from data_prep.synthetic.phantom import field_of_view, render_phantom
 

@@ -12,8 +12,8 @@ import pydicom
 import pytest
 
 from tests.conftest import SAMPLE_SERIES
-from data_prep import outputs
-from data_prep.outputs import OutputError
+from data_prep.io import writers
+from data_prep.io.writers import OutputError
 from data_prep.luna16_annotations import (
     EXTRA_COLUMNS,
     LUNA16_COLUMNS,
@@ -166,7 +166,7 @@ def test_csv_written_atomically_with_luna16_header(sample_trio, tmp_path, monkey
     def broken(self, rows):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outputs.csv.DictWriter, "writerows", broken)
+    monkeypatch.setattr(writers.csv.DictWriter, "writerows", broken)
     with pytest.raises(OutputError, match="annotations.csv"):
         write_luna16_annotations(out, rows, report)
     assert out.read_bytes() == before

@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.__main__ import main
 from data_prep.merge import EXTRA_FOLD, merge_prepared
-from data_prep.outputs import OutputError
+from data_prep.io.writers import OutputError
 
 
 def _prepared(folder: Path, cases: list[tuple[str, str, int]], nodules: dict[str, int]) -> Path:

@@ -11,7 +11,7 @@ import pytest
 import SimpleITK as sitk
 
 from data_prep.__main__ import main
-from data_prep.datalist import patient_folds
+from data_prep.run.datalist import patient_folds
 from data_prep.pggn import PGGN_COLUMNS, bbox_crop, fixed_crop
 from data_prep.pggn_features import LabelRules, hu_features, reader_labels, shape_features
 from data_prep.pggn_table import TABLE_COLUMNS, prepare_pggn_table, PggnTableParams

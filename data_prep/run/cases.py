@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from data_prep.outputs import Manifest
+from data_prep.run.manifest import Manifest
 
 __all__ = ["run_cases"]
 
@@ -31,7 +31,7 @@ def run_cases(
         progress: show a tqdm bar. Default True.
         desc: the bar's label. Default ``"cases"``.
         scheduler: a Dask scheduler address (``"tcp://host:port"``): run each case as a task on
-            that cluster (see :mod:`data_prep.dask_runner`). Default None (local).
+            that cluster (see :mod:`data_prep.run.dask_cluster`). Default None (local).
 
     Raises:
         SchedulerError: ``scheduler`` is given but cannot be reached or its workers cannot write
@@ -41,7 +41,7 @@ def run_cases(
 
     bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=not progress)
     if scheduler:
-        from data_prep.dask_runner import run_cases_dask
+        from data_prep.run.dask_cluster import run_cases_dask
 
         try:
             run_cases_dask(worker, tasks, manifest, scheduler, bar)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
 from functools import partial
 
-from data_prep.outputs import Manifest
+from data_prep.run.manifest import Manifest
 
 __all__ = ["SchedulerError", "connect", "run_cases_dask"]
 
