@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, {bench!r})
 mode, root, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
 from data_prep.io.dicom_index import index_dicom
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
 pl = import_pylidc()
 (series,) = index_dicom(root).series.values()
 t0 = time.perf_counter()

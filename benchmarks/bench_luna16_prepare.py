@@ -34,8 +34,9 @@ import json, resource, sys, time
 sys.path.insert(0, {bench!r})
 mode, mhd, csv_path, out = sys.argv[1:5]
 from pathlib import Path
-from data_prep.luna16 import Luna16Params, prepare_case, read_annotations
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.luna16_csv import read_annotations
+from data_prep.luna16 import Luna16Params, prepare_case
+from data_prep.annotations.pylidc_compat import import_pylidc
 pl = import_pylidc()
 uid = Path(mhd).name[: -len(".mhd")]
 anns = [a for a in read_annotations(csv_path) if a.seriesuid == uid]

@@ -261,7 +261,7 @@ def _run_luna16(args) -> int:
 
 
 def _run_luna16_annotations(args) -> int:
-    from data_prep.luna16_annotations import derive_luna16_annotations, report_path, write_luna16_annotations
+    from data_prep.steps.luna16_annotations import derive_luna16_annotations, report_path, write_luna16_annotations
 
     rows, report = derive_luna16_annotations(
         dicom_root=args.dicom_root, workers=args.workers, progress=not args.quiet, patients=args.patients

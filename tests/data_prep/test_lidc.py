@@ -15,7 +15,7 @@ from scipy import ndimage
 
 from data_prep.__main__ import main
 from data_prep.lidc import LidcParams, prepare_lidc
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
 
 
 def _arr(path):

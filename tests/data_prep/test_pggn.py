@@ -15,7 +15,7 @@ from data_prep.run.datalist import patient_folds
 from data_prep.pggn import PGGN_COLUMNS, bbox_crop, fixed_crop
 from data_prep.pggn_features import LabelRules, hu_features, reader_labels, shape_features
 from data_prep.pggn_table import TABLE_COLUMNS, prepare_pggn_table, PggnTableParams
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
 
 ORIGIN = (-20.0, -30.0, 100.0)  # world x, y, z of voxel (0, 0, 0)
 CENTRE = (-2.0, -10.0, 121.0)  # world centre of the test nodule

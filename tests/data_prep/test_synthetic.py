@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from data_prep.pylidc_compat import PylidcUnavailableError, import_pylidc
+from data_prep.annotations.pylidc_compat import PylidcUnavailableError, import_pylidc
 from data_prep.synthetic.lidc_dicom import (
     MANUFACTURER,
     _patient_seed,
