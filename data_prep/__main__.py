@@ -77,7 +77,7 @@ def _add_label_options(p: argparse.ArgumentParser) -> None:
 
 
 def _label_rules(args):
-    from data_prep.pggn_features import LabelRules
+    from data_prep.ops.nodule_features import LabelRules
 
     return LabelRules(malignant_min=args.malignant_min, benign_max=args.benign_max, ggn_max_texture=args.ggn_max_texture)
 
@@ -303,7 +303,7 @@ def _run_synth_lidc(args) -> int:
 
 
 def _run_drr(args) -> int:
-    from data_prep.drr import DrrGeometry, DrrParams, prepare_drr
+    from data_prep.ops.drr_projector import DrrGeometry, DrrParams, prepare_drr
 
     params = DrrParams(
         geometry=DrrGeometry(sdd=args.sdd, odd=args.odd, size=args.size, detector_mm=args.detector_mm),

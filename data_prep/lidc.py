@@ -27,7 +27,7 @@ from data_prep.io.case_files import SUBDIRS, write_case
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
 from data_prep.run.manifest import Manifest
 from data_prep.annotations.pylidc_compat import import_pylidc
-from data_prep.resample import resample_stack, target_grid
+from data_prep.ops.resample import resample_stack, target_grid
 from data_prep.run.cases import run_cases
 
 __all__ = ["LidcParams", "prepare_lidc", "prepare_case", "case_ids", "NODULE_COLUMNS", "NoSeriesError"]

