@@ -93,7 +93,8 @@ def _nanodrr(hu, nod, lung, sp, iso, poses, geom, n_samples, bands):
 def child(mode: str, prepared: Path, case: str, n_poses: int, work: Path) -> None:
     import torch
 
-    from data_prep.ops.drr_projector import CT_CURVE, DrrParams, hu_channels, line_integral, make_poses, project_volume
+    from data_prep.ops.drr_projector import CT_CURVE, hu_channels, line_integral, make_poses, project_volume
+    from data_prep.ops.drr_render import DrrParams
 
     torch.set_num_threads(2)
     hu, nod, lung, sp, iso = _load(prepared, case)

@@ -303,7 +303,9 @@ def _run_synth_lidc(args) -> int:
 
 
 def _run_drr(args) -> int:
-    from data_prep.ops.drr_projector import DrrGeometry, DrrParams, prepare_drr
+    from data_prep.ops.drr_projector import DrrGeometry
+    from data_prep.ops.drr_render import DrrParams
+    from data_prep.steps.drr import prepare_drr
 
     params = DrrParams(
         geometry=DrrGeometry(sdd=args.sdd, odd=args.odd, size=args.size, detector_mm=args.detector_mm),

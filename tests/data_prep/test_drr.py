@@ -12,9 +12,9 @@ from scipy import ndimage as ndi
 
 from data_prep.__main__ import main
 from data_prep.ops.drr_projector import (
-    CT_CURVE, DrrGeometry, DrrParams, Pose, hu_channels, line_integral, make_poses, project_volume, render_case_arrays,
-    xray_like,
+    CT_CURVE, DrrGeometry, Pose, hu_channels, line_integral, make_poses, project_volume, xray_like,
 )  # fmt: skip
+from data_prep.ops.drr_render import DrrParams, render_case_arrays
 
 GEOM = DrrGeometry(sdd=1800.0, odd=180.0, size=128, detector_mm=240.0)
 SP = 2.0  # mm, isotropic phantoms
