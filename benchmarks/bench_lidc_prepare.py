@@ -31,7 +31,7 @@ pl = import_pylidc()
 (series,) = index_dicom(root).series.values()
 t0 = time.perf_counter()
 if mode == "ours":
-    from data_prep.lidc import LidcParams, prepare_case
+    from data_prep.steps.lidc import LidcParams, prepare_case
     rec = prepare_case("case", series.series_uid, series.files, str(out), LidcParams())
     assert rec["status"] == "ok", rec
     shape = rec["shape_zyx"]

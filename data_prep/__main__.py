@@ -90,7 +90,7 @@ def _pggn_summary(step: str, result: dict, out: str) -> int:
 
 
 def _run_pggn(args) -> int:
-    from data_prep.pggn import PggnParams, prepare_pggn
+    from data_prep.steps.pggn import PggnParams, prepare_pggn
 
     params = PggnParams(
         crop_mm=args.crop_mm, crop_spacing=args.crop_spacing, bbox_size=args.bbox_size, solid_hu=args.solid_hu,
@@ -102,7 +102,7 @@ def _run_pggn(args) -> int:
 
 
 def _run_pggn_table(args) -> int:
-    from data_prep.pggn_table import PggnTableParams, prepare_pggn_table
+    from data_prep.steps.pggn_table import PggnTableParams, prepare_pggn_table
 
     params = PggnTableParams(min_readers=args.min_readers, folds=args.folds, fold_seed=args.fold_seed, labels=_label_rules(args))
     result = prepare_pggn_table(args.out, params, patients=args.patients, workers=args.workers, progress=not args.quiet,
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_merge(args) -> int:
-    from data_prep.merge import merge_prepared
+    from data_prep.steps.merge import merge_prepared
 
     s = merge_prepared(args.inputs, args.out, extra=args.extra, exclude=args.exclude)
     print(f"merge: {s['cases']} case(s) of {s['patients']} patient(s), {s['nodule_rows']} nodule row(s); left out: "
@@ -210,14 +210,14 @@ def _run_merge(args) -> int:
 
 
 def _run_summary(args) -> int:
-    from data_prep.summary import summarize
+    from data_prep.steps.summary import summarize
 
     print(summarize(args.prepared))
     return 0
 
 
 def _run_lidc(args) -> int:
-    from data_prep.lidc import LidcParams, prepare_lidc
+    from data_prep.steps.lidc import LidcParams, prepare_lidc
 
     params = LidcParams(
         spacing=args.spacing, clevel=args.consensus, min_readers=args.min_readers, folds=args.folds, fold_seed=args.fold_seed
@@ -246,7 +246,7 @@ def _report_failures(result: dict) -> int:
 
 
 def _run_luna16(args) -> int:
-    from data_prep.luna16 import Luna16Params, prepare_luna16
+    from data_prep.steps.luna16 import Luna16Params, prepare_luna16
 
     params = Luna16Params(
         spacing=args.spacing, mask_source=args.mask_source, clevel=args.consensus, folds=args.folds, fold_seed=args.fold_seed
@@ -327,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     from data_prep.io.dicom_series import SeriesError
-    from data_prep.lidc import NoSeriesError
+    from data_prep.steps.lidc import NoSeriesError
     from data_prep.run.dask_cluster import SchedulerError
     from data_prep.io.writers import OutputError
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.lidc import LidcParams, prepare_lidc
-from data_prep.luna16 import prepare_luna16
+from data_prep.steps.lidc import LidcParams, prepare_lidc
+from data_prep.steps.luna16 import prepare_luna16
 from data_prep.synthetic.lidc_dicom import write_synthetic_lidc
 from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from data_prep.__main__ import main
-from data_prep.lidc import LidcParams, prepare_lidc
+from data_prep.steps.lidc import LidcParams, prepare_lidc
 from data_prep.annotations.pylidc_compat import import_pylidc
 
 

@@ -15,7 +15,7 @@ import SimpleITK as sitk
 from data_prep.io.dicom_series import load_ct_series
 from data_prep.annotations.lidc_nodules import nodule_labels
 from data_prep.annotations.luna16_csv import read_annotations
-from data_prep.luna16 import Luna16Params, prepare_luna16
+from data_prep.steps.luna16 import Luna16Params, prepare_luna16
 from data_prep.annotations.luna16_rules import scan_nodule_rows
 from data_prep.io.mhd import read_mhd, write_mhd
 from data_prep.io.writers import OutputError

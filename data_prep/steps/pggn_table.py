@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.run.datalist import patient_folds
-from data_prep.lidc import case_ids
+from data_prep.steps.lidc import case_ids
 from data_prep.annotations.lidc_nodules import CHARACTERISTICS
 from data_prep.io.writers import package_versions, prepare_out_dir, write_csv
 from data_prep.run.manifest import Manifest
