@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from data_prep.run.manifest import Manifest
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = ["run_cases"]
 
@@ -60,7 +60,7 @@ def run_cases(
                 try:
                     rec = fut.result()
                 except BrokenProcessPool as exc:
-                    rec = {"status": "failed", "error": f"worker process died ({exc}); rerun to retry", "warnings": []}
+                    rec = CaseRecord.failed(f"worker process died ({exc}); rerun to retry")
                 manifest.record(futures[fut], rec)
                 bar.update()
     bar.close()

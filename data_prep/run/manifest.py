@@ -1,13 +1,15 @@
-"""``manifest.json``: what a step ran on, with which settings, and one status record per case."""
+"""``manifest.json`` (what a step ran on, with which settings, one status record per case) and that record."""
 
 from __future__ import annotations
 
 import json
+import time
+import traceback
 from pathlib import Path
 
 from data_prep.io.writers import OutputError, write_json
 
-__all__ = ["Manifest"]
+__all__ = ["Manifest", "CaseRecord"]
 
 
 class Manifest:
@@ -54,3 +56,44 @@ class Manifest:
             "errors": len(self.data["errors"]),
         }
         write_json(self.data, self.path)
+
+
+class CaseRecord:
+    """The manifest record of one case, filled in by a ``with`` block that never raises.
+
+    ``with CaseRecord(series_uid=uid) as rec:`` starts ``rec`` as ``{"status": "failed", "error": None,
+    "warnings": [], **fields}``; the block fills it in and sets ``status`` to ``"ok"`` when the case is done.
+    An exception raised in the block fails the case instead of the run: its message becomes ``error`` (for
+    the ``expected`` types, whose messages are written for the user), or ``"<type>: <message>"`` with the
+    ``traceback`` kept (anything else). ``seconds`` is the block's time either way. ``KeyboardInterrupt``
+    and other non-``Exception`` errors propagate.
+
+    Args:
+        expected: exception types whose message alone is the error. Default none.
+        fields: the record's first fields (ids of the case), after status, error and warnings.
+    """
+
+    def __init__(self, *, expected: tuple[type[Exception], ...] = (), **fields):
+        self.expected = expected
+        self.record: dict = {"status": "failed", "error": None, "warnings": [], **fields}
+        self._t0 = time.perf_counter()
+
+    def __enter__(self) -> dict:
+        self._t0 = time.perf_counter()
+        return self.record
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None and not issubclass(exc_type, Exception):
+            return False
+        if isinstance(exc, self.expected):
+            self.record["error"] = str(exc)
+        elif exc is not None:  # unexpected: keep the traceback for the report
+            self.record["error"] = f"{type(exc).__name__}: {exc}"
+            self.record["traceback"] = "".join(traceback.format_exception(exc_type, exc, tb, limit=6))
+        self.record["seconds"] = round(time.perf_counter() - self._t0, 2)
+        return True
+
+    @staticmethod
+    def failed(error: str) -> dict:
+        """The record of a case that failed outside its ``with`` block (its worker process died, say)."""
+        return {"status": "failed", "error": error, "warnings": []}

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
-import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -38,7 +36,7 @@ except ImportError as exc:  # torch is the drr extra, not a core dependency
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
 from data_prep.ops.drr_render import DrrParams, render_case_arrays
 from data_prep.run.cases import run_cases
-from data_prep.run.manifest import Manifest
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = ["prepare_drr", "render_case", "PreparedFolderError", "SUBDIRS", "NODULE_COLUMNS"]
 
@@ -94,9 +92,7 @@ def render_case(
     Returns:
         The case's manifest record (status, error, warnings, files, samples with nodule rows, seconds).
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "error": None, "warnings": [], "patient_id": entry.get("patient_id"), "fold": entry.get("fold")}
-    try:
+    with CaseRecord(expected=(OutputError,), patient_id=entry.get("patient_id"), fold=entry.get("fold")) as rec:
         if threads:
             torch.set_num_threads(threads)
         root = Path(prepared)
@@ -147,12 +143,6 @@ def render_case(
             if not res["lungs"].any():
                 rec["warnings"].append(f"{sample}: the projected lung field is empty")
         rec.update(status="ok", files=files, samples=samples, shape_zyx=list(hu.shape), spacing_zyx_mm=list(spacing))
-    except OutputError as exc:
-        rec["error"] = str(exc)
-    except Exception as exc:  # unexpected: keep the traceback, go on with the other cases
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 

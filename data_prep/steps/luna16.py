@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ from data_prep.annotations.luna16_csv import Annotation, read_annotations
 from data_prep.io.case_files import SUBDIRS, write_case
 from data_prep.io.mhd import read_mhd
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
-from data_prep.run.manifest import Manifest
+from data_prep.run.manifest import CaseRecord, Manifest
 from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.ops.luna16_masks import MATCH_TOLERANCE_MM, nodule_masks
 from data_prep.ops.resample import resample_stack, target_grid
@@ -170,10 +168,8 @@ def prepare_case(
         The case's manifest record (status, error, warnings, files, geometry, nodule rows,
         per-annotation errors, seconds).
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "series_uid": case_id, "patient_id": patient_id, "subset": subset, "mhd": str(mhd_path),
-                 "error": None, "warnings": []}  # fmt: skip
-    try:
+    fields = {"series_uid": case_id, "patient_id": patient_id, "subset": subset, "mhd": str(mhd_path)}
+    with CaseRecord(expected=(SeriesError, OutputError), **fields) as rec:
         img = read_mhd(mhd_path)
         rec["warnings"] += img.warnings
         if img.reoriented:
@@ -189,12 +185,6 @@ def prepare_case(
         rec["warnings"] += written.pop("warnings")
         rows = [dict(r, case_id=case_id, seriesuid=case_id, patient_id=patient_id, subset=subset) for r in rows]
         rec.update(status="ok", native_shape_zyx=native_shape, nodules=rows, annotation_errors=errors, **written)
-    except (SeriesError, OutputError) as exc:
-        rec["error"] = str(exc)
-    except Exception as exc:  # unexpected: keep the traceback, go on with the other cases
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 

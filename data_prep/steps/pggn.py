@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import SimpleITK as sitk
 
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image
 
-from data_prep.run.manifest import Manifest
+from data_prep.run.manifest import CaseRecord, Manifest
 from data_prep.ops.nodule_crops import bbox_crop, fixed_crop
 from data_prep.ops.nodule_features import (
     FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features,
@@ -133,9 +131,7 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
     Returns:
         Manifest record with ``nodules`` (table rows), ``files`` and ``skipped`` (nodule ids and why).
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "error": None, "warnings": [], "files": {}, "nodules": [], "skipped": {}}
-    try:
+    with CaseRecord(files={}, nodules=[], skipped={}) as rec:
         image = sitk.ReadImage(image_path)
         labels_img = sitk.ReadImage(label_path)
         if image.GetSize() != labels_img.GetSize():
@@ -174,10 +170,6 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
             rec["nodules"].append(out_row)
             rec["files"].update({f"{nodule_id}_{k_}": v for k_, v in files.items()})
         rec["status"] = "ok"
-    except Exception as exc:  # recorded per case; the run goes on
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 

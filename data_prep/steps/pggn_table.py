@@ -16,8 +16,6 @@ is a case of the manifest (resume, per-scan errors), as in the other steps.
 
 from __future__ import annotations
 
-import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +26,7 @@ from data_prep.run.datalist import patient_folds
 from data_prep.steps.lidc import case_ids
 from data_prep.annotations.lidc_nodules import CHARACTERISTICS
 from data_prep.io.writers import package_versions, prepare_out_dir, write_csv
-from data_prep.run.manifest import Manifest
+from data_prep.run.manifest import CaseRecord, Manifest
 from data_prep.ops.nodule_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
 from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.run.cases import run_cases
@@ -89,9 +87,7 @@ def scan_rows(series_uid: str, case_id: str, fold: int, params: PggnTableParams)
         fold: its patient's fold.
         params: step settings.
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "error": None, "warnings": [], "files": {}, "nodules": []}
-    try:
+    with CaseRecord(files={}, nodules=[]) as rec:
         pl = import_pylidc()
         scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).one()
         for ci, cluster in enumerate(scan.cluster_annotations(verbose=False)):
@@ -101,10 +97,6 @@ def scan_rows(series_uid: str, case_id: str, fold: int, params: PggnTableParams)
                     "series_uid": series_uid, "fold": fold, "cluster_index": ci}  # fmt: skip
             rec["nodules"].append({**base, **cluster_row(cluster, params.labels)})
         rec["status"] = "ok"
-    except Exception as exc:  # recorded per scan; the run goes on
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 
