@@ -327,9 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
     from data_prep.io.dicom_series import SeriesError
-    from data_prep.steps.lidc import NoSeriesError
-    from data_prep.run.dask_cluster import SchedulerError
     from data_prep.io.writers import OutputError
+    from data_prep.run.dask_cluster import SchedulerError
+    from data_prep.steps.lidc import NoSeriesError
 
     runners = {
         "lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "luna16": _run_luna16, "synth-luna16": _run_synth_luna16,

@@ -16,17 +16,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from data_prep.run.datalist import build_datalist
+from data_prep.annotations.lidc_nodules import CHARACTERISTICS, nodule_labels
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.io.case_files import SUBDIRS, write_case
 from data_prep.io.dicom_index import DicomIndex, index_dicom
 from data_prep.io.dicom_series import HU_MIN, SeriesError, load_ct_series
-from data_prep.annotations.lidc_nodules import CHARACTERISTICS, nodule_labels
-from data_prep.io.case_files import SUBDIRS, write_case
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
-from data_prep.run.manifest import CaseRecord, Manifest
-from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.ops.resample import resample_stack, target_grid
 from data_prep.run.cases import run_cases
+from data_prep.run.datalist import build_datalist
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = ["LidcParams", "prepare_lidc", "prepare_case", "case_ids", "NODULE_COLUMNS", "NoSeriesError"]
 

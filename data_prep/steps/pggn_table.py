@@ -22,14 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.run.datalist import patient_folds
-from data_prep.steps.lidc import case_ids
 from data_prep.annotations.lidc_nodules import CHARACTERISTICS
-from data_prep.io.writers import package_versions, prepare_out_dir, write_csv
-from data_prep.run.manifest import CaseRecord, Manifest
-from data_prep.ops.nodule_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
 from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.io.writers import package_versions, prepare_out_dir, write_csv
+from data_prep.ops.nodule_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
 from data_prep.run.cases import run_cases
+from data_prep.run.datalist import patient_folds
+from data_prep.run.manifest import CaseRecord, Manifest
+from data_prep.steps.lidc import case_ids
 
 __all__ = ["PggnTableParams", "TABLE_COLUMNS", "cluster_row", "scan_rows", "prepare_pggn_table"]
 

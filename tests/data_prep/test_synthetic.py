@@ -10,6 +10,7 @@ import pytest
 from scipy import ndimage
 
 from data_prep.annotations.pylidc_compat import PylidcUnavailableError, import_pylidc
+from data_prep.synthetic.anatomy import BODY_EXPONENT, CAVITY, ChestAnatomy
 from data_prep.synthetic.lidc_dicom import (
     MANUFACTURER,
     _patient_seed,
@@ -18,7 +19,6 @@ from data_prep.synthetic.lidc_dicom import (
     small_slice_range,
     write_synthetic_lidc,
 )
-from data_prep.synthetic.anatomy import BODY_EXPONENT, CAVITY, ChestAnatomy
 from data_prep.synthetic.phantom import NoduleSpec, field_of_view, render_phantom
 from tests.conftest import write_ct_slice
 
