@@ -1,9 +1,9 @@
-"""DRRs per second at 512 x 512 with mask projection: ours (data_prep.drr) against nanodrr's defaults.
+"""DRRs per second at 512 x 512 with mask projection: ours (data_prep.ops.drr_projector) against nanodrr's defaults.
 
 One full-size demo scan prepared at 2 mm (generated under a temporary folder unless --prepared is
 given) is rendered in the PA geometry of the drr step, for the same poses, by:
 
-- ours: ``data_prep.drr.project_volume`` (plane-wise exact ray sampling, planes binned to the
+- ours: ``data_prep.ops.drr_projector.project_volume`` (plane-wise exact ray sampling, planes binned to the
   ``ray_step_mm`` of the step, the two HU channels and the lung mask in one pass, the nodules from a
   crop around them), float32, poses one after another;
 - baseline: nanodrr's ``render`` at the library's defaults (``n_samples=500``, nearest label
@@ -57,7 +57,7 @@ def _nanodrr(hu, nod, lung, sp, iso, poses, geom, n_samples, bands):
     from nanodrr.data import Subject
     from nanodrr.drr.renderer import _make_src, _make_tgt, render
 
-    from data_prep.drr import rotation_matrix
+    from data_prep.ops.drr_projector import rotation_matrix
 
     lab = np.where(nod > 0, 2, np.where(lung > 0, 1, 0)).astype(np.float32)
     v2w = np.diag([*sp[::-1], 1.0])
@@ -93,7 +93,8 @@ def _nanodrr(hu, nod, lung, sp, iso, poses, geom, n_samples, bands):
 def child(mode: str, prepared: Path, case: str, n_poses: int, work: Path) -> None:
     import torch
 
-    from data_prep.drr import CT_CURVE, DrrParams, hu_channels, line_integral, make_poses, project_volume
+    from data_prep.ops.drr_projector import CT_CURVE, hu_channels, line_integral, make_poses, project_volume
+    from data_prep.ops.drr_render import DrrParams
 
     torch.set_num_threads(2)
     hu, nod, lung, sp, iso = _load(prepared, case)

@@ -25,13 +25,13 @@ import json, resource, sys, time
 from pathlib import Path
 sys.path.insert(0, {bench!r})
 mode, root, out = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-from data_prep.dicom_index import index_dicom
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.io.dicom_index import index_dicom
+from data_prep.annotations.pylidc_compat import import_pylidc
 pl = import_pylidc()
 (series,) = index_dicom(root).series.values()
 t0 = time.perf_counter()
 if mode == "ours":
-    from data_prep.lidc import LidcParams, prepare_case
+    from data_prep.steps.lidc import LidcParams, prepare_case
     rec = prepare_case("case", series.series_uid, series.files, str(out), LidcParams())
     assert rec["status"] == "ok", rec
     shape = rec["shape_zyx"]
@@ -56,7 +56,7 @@ def main() -> None:
         work = Path(tmp)
         root = Path(args.dicom_root) if args.dicom_root else work / "dicom"
         if not args.dicom_root:
-            from data_prep.synthetic import write_synthetic_lidc
+            from data_prep.synthetic.lidc_dicom import write_synthetic_lidc
 
             print(f"writing a full-size demo scan of {args.patient} ...", flush=True)
             write_synthetic_lidc(root, patient_ids=[args.patient], size="full")

@@ -2,7 +2,7 @@
 
 The scan is the demo world's LIDC-IDRI-0072 in LUNA16 form (305 slices of 512 x 512, 0.73 mm
 pixels, 1.25 mm slices; ``write_synthetic_luna16(..., size="full")``), or any LUNA16 tree given
-with ``--luna-root``/``--annotations``. Ours (``data_prep.luna16.prepare_case``: checked MetaImage
+with ``--luna-root``/``--annotations``. Ours (``data_prep.steps.luna16.prepare_case``: checked MetaImage
 read, one-pass ITK resampling, LIDC consensus masks, classical lung mask, ISA-L gzip) and the
 baseline (SimpleITK read to a float array, ``scipy.ndimage.zoom`` order 1 to 1 mm, spheres of
 ``diameter_mm``, the scipy-only lung mask of ``naive_lidc_baseline.py``, nibabel writes) each run in a
@@ -34,8 +34,9 @@ import json, resource, sys, time
 sys.path.insert(0, {bench!r})
 mode, mhd, csv_path, out = sys.argv[1:5]
 from pathlib import Path
-from data_prep.luna16 import Luna16Params, prepare_case, read_annotations
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.luna16_csv import read_annotations
+from data_prep.steps.luna16 import Luna16Params, prepare_case
+from data_prep.annotations.pylidc_compat import import_pylidc
 pl = import_pylidc()
 uid = Path(mhd).name[: -len(".mhd")]
 anns = [a for a in read_annotations(csv_path) if a.seriesuid == uid]
@@ -93,7 +94,7 @@ def main() -> None:
         if args.mhd:
             mhd, csv_path = Path(args.mhd), Path(args.annotations)
         else:
-            from data_prep.synthetic_luna16 import write_synthetic_luna16
+            from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 
             print(f"writing a full-size demo scan of {args.patient} in LUNA16 form ...", flush=True)
             info = write_synthetic_luna16(work / "luna", patient_ids=[args.patient], size="full")

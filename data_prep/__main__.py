@@ -77,7 +77,7 @@ def _add_label_options(p: argparse.ArgumentParser) -> None:
 
 
 def _label_rules(args):
-    from .pggn_features import LabelRules
+    from data_prep.ops.nodule_features import LabelRules
 
     return LabelRules(malignant_min=args.malignant_min, benign_max=args.benign_max, ggn_max_texture=args.ggn_max_texture)
 
@@ -90,7 +90,7 @@ def _pggn_summary(step: str, result: dict, out: str) -> int:
 
 
 def _run_pggn(args) -> int:
-    from .pggn import PggnParams, prepare_pggn
+    from data_prep.steps.pggn import PggnParams, prepare_pggn
 
     params = PggnParams(
         crop_mm=args.crop_mm, crop_spacing=args.crop_spacing, bbox_size=args.bbox_size, solid_hu=args.solid_hu,
@@ -102,7 +102,7 @@ def _run_pggn(args) -> int:
 
 
 def _run_pggn_table(args) -> int:
-    from .pggn_table import PggnTableParams, prepare_pggn_table
+    from data_prep.steps.pggn_table import PggnTableParams, prepare_pggn_table
 
     params = PggnTableParams(min_readers=args.min_readers, folds=args.folds, fold_seed=args.fold_seed, labels=_label_rules(args))
     result = prepare_pggn_table(args.out, params, patients=args.patients, workers=args.workers, progress=not args.quiet,
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_merge(args) -> int:
-    from .merge import merge_prepared
+    from data_prep.steps.merge import merge_prepared
 
     s = merge_prepared(args.inputs, args.out, extra=args.extra, exclude=args.exclude)
     print(f"merge: {s['cases']} case(s) of {s['patients']} patient(s), {s['nodule_rows']} nodule row(s); left out: "
@@ -210,14 +210,14 @@ def _run_merge(args) -> int:
 
 
 def _run_summary(args) -> int:
-    from .summary import summarize
+    from data_prep.steps.summary import summarize
 
     print(summarize(args.prepared))
     return 0
 
 
 def _run_lidc(args) -> int:
-    from .lidc import LidcParams, prepare_lidc
+    from data_prep.steps.lidc import LidcParams, prepare_lidc
 
     params = LidcParams(
         spacing=args.spacing, clevel=args.consensus, min_readers=args.min_readers, folds=args.folds, fold_seed=args.fold_seed
@@ -246,7 +246,7 @@ def _report_failures(result: dict) -> int:
 
 
 def _run_luna16(args) -> int:
-    from .luna16 import Luna16Params, prepare_luna16
+    from data_prep.steps.luna16 import Luna16Params, prepare_luna16
 
     params = Luna16Params(
         spacing=args.spacing, mask_source=args.mask_source, clevel=args.consensus, folds=args.folds, fold_seed=args.fold_seed
@@ -261,7 +261,7 @@ def _run_luna16(args) -> int:
 
 
 def _run_luna16_annotations(args) -> int:
-    from .luna16_annotations import derive_luna16_annotations, report_path, write_luna16_annotations
+    from data_prep.steps.luna16_annotations import derive_luna16_annotations, report_path, write_luna16_annotations
 
     rows, report = derive_luna16_annotations(
         dicom_root=args.dicom_root, workers=args.workers, progress=not args.quiet, patients=args.patients
@@ -278,7 +278,7 @@ def _run_luna16_annotations(args) -> int:
 
 
 def _run_synth_luna16(args) -> int:
-    from .synthetic_luna16 import write_synthetic_luna16
+    from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 
     res = write_synthetic_luna16(
         args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,
@@ -291,7 +291,7 @@ def _run_synth_luna16(args) -> int:
 
 
 def _run_synth_lidc(args) -> int:
-    from .synthetic import write_synthetic_lidc
+    from data_prep.synthetic.lidc_dicom import write_synthetic_lidc
 
     series = write_synthetic_lidc(
         args.out, patients=args.patients, seed=args.seed, size=args.size, patient_ids=args.patient_ids,
@@ -303,7 +303,9 @@ def _run_synth_lidc(args) -> int:
 
 
 def _run_drr(args) -> int:
-    from .drr import DrrGeometry, DrrParams, prepare_drr
+    from data_prep.ops.drr_projector import DrrGeometry
+    from data_prep.ops.drr_render import DrrParams
+    from data_prep.steps.drr import prepare_drr
 
     params = DrrParams(
         geometry=DrrGeometry(sdd=args.sdd, odd=args.odd, size=args.size, detector_mm=args.detector_mm),
@@ -324,10 +326,10 @@ def _run_drr(args) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     args = build_parser().parse_args(argv)
-    from .dicom_series import SeriesError
-    from .lidc import NoSeriesError
-    from .dask_runner import SchedulerError
-    from .outputs import OutputError
+    from data_prep.io.dicom_series import SeriesError
+    from data_prep.io.writers import OutputError
+    from data_prep.run.dask_cluster import SchedulerError
+    from data_prep.steps.lidc import NoSeriesError
 
     runners = {
         "lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "luna16": _run_luna16, "synth-luna16": _run_synth_luna16,
@@ -336,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }  # fmt: skip
     try:
         if getattr(args, "scheduler", None):  # fail before any long indexing when the cluster is unreachable
-            from .dask_runner import connect
+            from data_prep.run.dask_cluster import connect
 
             connect(args.scheduler).close()
         return runners[args.step](args)

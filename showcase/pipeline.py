@@ -6,35 +6,18 @@ Each stage runs the commands a user would type (``python -m data_prep ...``,
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
+from showcase import sections
+from showcase.commands import data_prep_command
+from showcase.report import write_report
 from showcase.stages import StageRunner, run_command
 
-__all__ = ["run_main_job", "bundle_command"]
+__all__ = ["run_main_job"]
 
 # Scans whose LUNA16 reference standard (>= 3 readers, >= 3 mm) has nodules, so every fold has some.
 LUNA16_PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0012", "LIDC-IDRI-0497", "LIDC-IDRI-0033",
                    "LIDC-IDRI-0132", "LIDC-IDRI-0461", "LIDC-IDRI-0002"]  # fmt: skip
-
-REPO = Path(__file__).resolve().parents[1]
-BUNDLES = REPO / "bundles"
-
-
-def data_prep_command(*args: object) -> list[str]:
-    return [sys.executable, "-m", "data_prep", *map(str, args)]
-
-
-def bundle_command(config_files: list[str], **overrides: object) -> list[str]:
-    """``python -m monai.bundle run`` with config files (relative to the bundle folder) and overrides.
-
-    ``#`` in override keys is written ``__`` (``train__trainer__max_epochs=2``).
-    """
-    files = config_files[0] if len(config_files) == 1 else "[" + ",".join(f"'{c}'" for c in config_files) + "]"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", files]
-    for key, value in overrides.items():
-        cmd += [f"--{key.replace('__', '#')}", str(value)]
-    return cmd
 
 
 def run_main_job(out: Path, patients: int = 8, workers: int = 2, seed: int = 0) -> tuple[Path, int]:
@@ -43,8 +26,6 @@ def run_main_job(out: Path, patients: int = 8, workers: int = 2, seed: int = 0) 
     Returns:
         The report's path and the number of stages that did not succeed.
     """
-    from showcase import sections
-
     out = Path(out).resolve()
     runner = StageRunner(out)
     d = {
@@ -64,8 +45,6 @@ def run_main_job(out: Path, patients: int = 8, workers: int = 2, seed: int = 0) 
                           "--folds", 4, *w), log),
         needs=["generate demo LUNA16"])  # fmt: skip
     secs = sections.run_bundle_stages(runner, out, d, workers)
-    from showcase.report import write_report
-
     report = write_report(out / "report" / "index.html", out / "stages.json", secs)
     n_bad = sum(r.status != "ok" for r in runner.results.values())
     return report, n_bad

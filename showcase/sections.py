@@ -12,7 +12,7 @@ import traceback
 from pathlib import Path
 
 from showcase import figures
-from showcase.pipeline import BUNDLES, bundle_command, data_prep_command
+from showcase.commands import BUNDLES, bundle_command, data_prep_command
 from showcase.report import Section, Table
 from showcase.stages import StageRunner, run_command
 from showcase.tables import csv_table, held_out, read_rows

@@ -24,7 +24,8 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from data_prep.drr import DrrGeometry, DrrParams, render_case_arrays
+from data_prep.ops.drr_projector import DrrGeometry
+from data_prep.ops.drr_render import DrrParams, render_case_arrays
 
 
 def contrast(image: np.ndarray, mask: np.ndarray, inner: int = 3, outer: int = 8) -> float:

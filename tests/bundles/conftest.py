@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.lidc import LidcParams, prepare_lidc
-from data_prep.luna16 import prepare_luna16
-from data_prep.synthetic import write_synthetic_lidc
-from data_prep.synthetic_luna16 import write_synthetic_luna16
+from data_prep.steps.lidc import LidcParams, prepare_lidc
+from data_prep.steps.luna16 import prepare_luna16
+from data_prep.synthetic.lidc_dicom import write_synthetic_lidc
+from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
+from showcase.commands import BUNDLES, REPO, bundle_command
 
-REPO = Path(__file__).resolve().parents[2]
-BUNDLES = REPO / "bundles"
+__all__ = ["BUNDLES", "REPO", "run_bundle", "ddp_release_probe", "assert_ddp_released_before_exit", "bundle_scripts"]
+
 # Demo patients of the bundle tests: solid and ground-glass nodules of several sizes.
 DEMO_PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0497", "LIDC-IDRI-0003", "LIDC-IDRI-0012"]
 
@@ -34,18 +35,15 @@ def run_bundle(bundle: str | Path, config_files: list[str], *, timeout: int = 60
         config_files: config files relative to the bundle folder, e.g. ``["configs/train.json"]``.
         timeout: seconds before the run is killed. Default 600.
         env: extra environment variables. Default None.
-        overrides: config overrides, passed as ``--key value`` (``#`` in keys is written as ``__``:
-            ``train__trainer__max_epochs=1`` becomes ``--train#trainer#max_epochs 1``); values that
-            are not strings are JSON-encoded.
+        overrides: config overrides, passed as ``--key value`` by :func:`showcase.commands.bundle_command`
+            (``#`` in keys is written as ``__``: ``train__trainer__max_epochs=1`` becomes
+            ``--train#trainer#max_epochs 1``; values as Python literals, e.g. ``[0, 1]``, ``True``).
 
     Returns:
         The finished process; a non-zero exit fails the test with the tail of its output.
     """
     folder = Path(bundle) if Path(bundle).is_absolute() else BUNDLES / bundle
-    files = [str(folder / c) for c in config_files]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files) if len(files) > 1 else files[0]]
-    for key, value in overrides.items():
-        cmd += [f"--{key.replace('__', '#')}", value if isinstance(value, str) else json.dumps(value)]
+    cmd = bundle_command([str(folder / c) for c in config_files], **overrides)
     full_env = {**os.environ, "PYTHONPATH": "", **(env or {})}
     proc = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, timeout=timeout, env=full_env)
     if proc.returncode != 0:

@@ -148,8 +148,8 @@ def _toy_case(case_id: str, out: str) -> dict:
 
 def test_dead_worker_fails_only_its_case(cluster, tmp_path):
     """A case whose Dask worker process dies is recorded as failed with the reason; the other cases finish on the cluster."""
-    from data_prep.outputs import Manifest
-    from data_prep.runner import run_cases
+    from data_prep.run.cases import run_cases
+    from data_prep.run.manifest import Manifest
 
     manifest = Manifest(tmp_path / "manifest.json", "toy", {})
     ids = ["a", "b", "dies", "c", "d", "e"]  # more cases than 2 x threads: Dask queues them, one per worker
@@ -163,9 +163,9 @@ def test_dead_worker_fails_only_its_case(cluster, tmp_path):
 
 def test_workers_that_cannot_write_the_output_stop_the_run_before_any_case(cluster, tmp_path):
     """When the workers do not see the output folder (no shared filesystem), nothing is submitted and the error names them."""
-    from data_prep.dask_runner import SchedulerError
-    from data_prep.outputs import Manifest
-    from data_prep.runner import run_cases
+    from data_prep.run.cases import run_cases
+    from data_prep.run.dask_cluster import SchedulerError
+    from data_prep.run.manifest import Manifest
 
     unseen = tmp_path / "not_on_the_workers"  # the driver has not created it: no worker can write there
     manifest = Manifest(unseen / "manifest.json", "toy", {})

@@ -1,8 +1,8 @@
-"""Tests for data_prep.datalist: patient-level folds."""
+"""Tests for data_prep.run.datalist: patient-level folds."""
 
 from __future__ import annotations
 
-from data_prep.datalist import build_datalist, patient_folds
+from data_prep.run.datalist import build_datalist, patient_folds
 
 
 def test_scans_of_one_patient_share_a_fold_and_folds_are_balanced():

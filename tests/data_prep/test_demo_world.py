@@ -9,7 +9,7 @@ import pytest
 import SimpleITK as sitk
 
 from data_prep.__main__ import main
-from data_prep.resample import Grid, resample_stack
+from data_prep.ops.resample import Grid, resample_stack
 
 
 def _dice(a, b):

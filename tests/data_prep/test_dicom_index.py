@@ -1,4 +1,4 @@
-"""Tests for data_prep.dicom_index: series discovery under any layout, skipping what is not CT."""
+"""Tests for data_prep.io.dicom_index: series discovery under any layout, skipping what is not CT."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from data_prep.dicom_index import index_dicom
+from data_prep.io.dicom_index import index_dicom
 from tests.conftest import SAMPLE_SERIES
 
 

@@ -1,11 +1,11 @@
-"""Tests for data_prep.dicom_series: HU conversion, slice order and geometry checks."""
+"""Tests for data_prep.io.dicom_series: HU conversion, slice order and geometry checks."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from data_prep.dicom_series import HU_MIN, SeriesError, load_ct_series
+from data_prep.io.dicom_series import HU_MIN, SeriesError, load_ct_series
 
 
 def test_hu_applies_slope_intercept_and_padding(make_series):

@@ -11,10 +11,17 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 from data_prep.__main__ import main
-from data_prep.drr import (
-    CT_CURVE, DrrGeometry, DrrParams, Pose, hu_channels, line_integral, make_poses, project_volume, render_case_arrays,
+from data_prep.ops.drr_projector import (
+    CT_CURVE,
+    DrrGeometry,
+    Pose,
+    hu_channels,
+    line_integral,
+    make_poses,
+    project_volume,
     xray_like,
-)  # fmt: skip
+)
+from data_prep.ops.drr_render import DrrParams, render_case_arrays
 
 GEOM = DrrGeometry(sdd=1800.0, odd=180.0, size=128, detector_mm=240.0)
 SP = 2.0  # mm, isotropic phantoms
@@ -246,7 +253,7 @@ def test_agrees_with_nanodrr_dense_rendering(pose):
     from nanodrr.data import Subject
     from nanodrr.drr.renderer import render
 
-    from data_prep.drr import rotation_matrix
+    from data_prep.ops.drr_projector import rotation_matrix
 
     hu, _, _ = _phantom(n=48, centre_xyz=(30, 20, 26), radius_mm=10.0)
     hu[10:20, 30:40, 8:16] = 400  # an off-centre block
@@ -282,7 +289,7 @@ def _contrast(img, mask):
 @pytest.fixture(scope="module")
 def chest():
     """The lung-mask tests' supine chest phantom (vessels, nodules, airways, gas) and its lung field."""
-    from data_prep.lung_mask import lung_mask
+    from data_prep.ops.lung_mask import lung_mask
     from tests.data_prep.test_lung_mask import PHANTOM_SPACING, make_phantom
 
     hu, parts = make_phantom()
@@ -329,7 +336,7 @@ def test_lung_region_drr_refuses_a_ct_without_lungs(prepared, tmp_path):
 def test_depth_slabs_add_up_to_the_drr_and_lift_the_nodule_out_of_the_vessels(chest):
     """drr_slabs=3: three anterior-to-posterior slabs of the lung field that add up to the lung-field DRR (which they
     leave unchanged); the nodule stands out more in its own slab than in the whole DRR, where the other slabs' vessels overlap it."""
-    from data_prep.drr import slab_bounds
+    from data_prep.ops.drr_projector import slab_bounds
 
     hu, parts, field, sp = chest
     nodule = parts["nodule"].astype(np.uint8)

@@ -14,8 +14,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from data_prep.__main__ import main
-from data_prep.lidc import LidcParams, prepare_lidc
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.steps.lidc import LidcParams, prepare_lidc
 
 
 def _arr(path):
@@ -171,16 +171,16 @@ def test_bad_case_is_recorded_and_others_go_on(sample_copy, tmp_path, capsys):
 
 def test_write_failure_mid_run_keeps_earlier_cases(sample_root, tmp_path, monkeypatch):
     """A disk-full error while writing one case is recorded; cases written before it stay intact."""
-    import data_prep.case_output as case_output
-    from data_prep.outputs import OutputError
-    from data_prep.outputs import write_image as real_write
+    import data_prep.io.case_files as case_files
+    from data_prep.io.writers import OutputError
+    from data_prep.io.writers import write_image as real_write
 
     def flaky(image, path):
         if "LIDC-IDRI-0003" in str(path):
             raise OutputError(f"cannot write {path}: No space left on device")
         real_write(image, path)
 
-    monkeypatch.setattr(case_output, "write_image", flaky)
+    monkeypatch.setattr(case_files, "write_image", flaky)
     out = tmp_path / "out"
     manifest = prepare_lidc(sample_root, out, patients=["LIDC-IDRI-0001", "LIDC-IDRI-0003"], progress=False)
     assert manifest["cases"]["LIDC-IDRI-0001"]["status"] == "ok"

@@ -12,15 +12,16 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
-from data_prep.dicom_series import load_ct_series
-from data_prep.lidc_nodules import nodule_labels
-from data_prep.luna16 import Luna16Params, prepare_luna16, read_annotations
-from data_prep.luna16_annotations import scan_nodule_rows
-from data_prep.mhd import read_mhd, write_mhd
-from data_prep.outputs import OutputError
-from data_prep.pylidc_compat import import_pylidc
-from data_prep.resample import target_grid
-from data_prep.synthetic_luna16 import write_synthetic_luna16
+from data_prep.annotations.lidc_nodules import nodule_labels
+from data_prep.annotations.luna16_csv import read_annotations
+from data_prep.annotations.luna16_rules import scan_nodule_rows
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.io.dicom_series import load_ct_series
+from data_prep.io.mhd import read_mhd, write_mhd
+from data_prep.io.writers import OutputError
+from data_prep.ops.resample import target_grid
+from data_prep.steps.luna16 import Luna16Params, prepare_luna16
+from data_prep.synthetic.luna16_mhd import write_synthetic_luna16
 from tests.conftest import SAMPLE_SERIES
 
 PATIENT = "LIDC-IDRI-0001"

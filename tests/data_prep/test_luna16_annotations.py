@@ -11,20 +11,18 @@ import numpy as np
 import pydicom
 import pytest
 
-from tests.conftest import SAMPLE_SERIES
-from data_prep import outputs
-from data_prep.outputs import OutputError
-from data_prep.luna16_annotations import (
+from data_prep.annotations.luna16_rules import (
     EXTRA_COLUMNS,
     LUNA16_COLUMNS,
     Luna16Rules,
-    _select_nodules,
-    derive_luna16_annotations,
-    report_path,
     scan_rule_failures,
-    write_luna16_annotations,
+    select_nodules,
 )
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.io import writers
+from data_prep.io.writers import OutputError
+from data_prep.steps.luna16_annotations import derive_luna16_annotations, report_path, write_luna16_annotations
+from tests.conftest import SAMPLE_SERIES
 
 THIN = 1.25 * np.arange(40.0)  # 40 slices at 1.25 mm
 
@@ -89,7 +87,7 @@ def test_nodules_below_3_mm_excluded():
         {"cluster_index": 0, "n_readers": 3, "reads": [read(2.5), read(2.8), read(3.1)]},
         {"cluster_index": 1, "n_readers": 3, "reads": [read(3.0), read(3.2), read(3.1)]},
     ]}  # fmt: skip
-    nodules, dropped = _select_nodules([facts], Luna16Rules())
+    nodules, dropped = select_nodules([facts], Luna16Rules())
     assert [n["cluster_index"] for n in nodules] == [1]
     assert dropped["diameter_below_min"] == 1
     assert nodules[0]["z"] == pytest.approx(1.0) and nodules[0]["diameter_mm"] == pytest.approx(3.1)
@@ -166,7 +164,7 @@ def test_csv_written_atomically_with_luna16_header(sample_trio, tmp_path, monkey
     def broken(self, rows):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(outputs.csv.DictWriter, "writerows", broken)
+    monkeypatch.setattr(writers.csv.DictWriter, "writerows", broken)
     with pytest.raises(OutputError, match="annotations.csv"):
         write_luna16_annotations(out, rows, report)
     assert out.read_bytes() == before

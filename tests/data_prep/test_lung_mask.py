@@ -1,4 +1,4 @@
-"""Tests for data_prep.lung_mask: synthetic chests with known lungs, and real LIDC slices."""
+"""Tests for data_prep.ops.lung_mask: synthetic chests with known lungs, and real LIDC slices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from data_prep.lung_mask import lung_mask, lung_mask_with_info
+from data_prep.ops.lung_mask import lung_mask, lung_mask_with_info
 
 from tests.conftest import SAMPLE_ROOT as SAMPLE
 

@@ -1,4 +1,4 @@
-"""Tests for data_prep.merge: several prepared folders -> one datalist and nodules.csv."""
+"""Tests for data_prep.steps.merge: several prepared folders -> one datalist and nodules.csv."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from data_prep.__main__ import main
-from data_prep.merge import EXTRA_FOLD, merge_prepared
-from data_prep.outputs import OutputError
+from data_prep.io.writers import OutputError
+from data_prep.steps.merge import EXTRA_FOLD, merge_prepared
 
 
 def _prepared(folder: Path, cases: list[tuple[str, str, int]], nodules: dict[str, int]) -> Path:

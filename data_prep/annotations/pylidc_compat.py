@@ -13,7 +13,7 @@ a minimal ``pkg_resources`` stand-in is offered only while pylidc's ``__init__``
 (and only if setuptools does not provide one), pylidc's own modules get a numpy
 namespace that still has the old aliases, and the config-file lookup is replaced by
 one that never reads or writes ``~/.pylidcrc``. Series are found by their
-SeriesInstanceUID through :mod:`data_prep.dicom_index` instead.
+SeriesInstanceUID through :mod:`data_prep.io.dicom_index` instead.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _pkg_resources_stand_in() -> types.ModuleType:
 def _no_config_path() -> str:
     raise RuntimeError(
         "pylidc's ~/.pylidcrc lookup is disabled by data_prep: DICOM series are located by "
-        "SeriesInstanceUID with data_prep.dicom_index (python -m data_prep lidc --dicom-root DIR)."
+        "SeriesInstanceUID with data_prep.io.dicom_index (python -m data_prep lidc --dicom-root DIR)."
     )
 
 

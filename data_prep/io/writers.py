@@ -1,4 +1,4 @@
-"""Atomic writes and the run manifest shared by every data_prep step.
+"""Atomic writes shared by every data_prep step (images, JSON, CSV) and the output folder's checks.
 
 Every file is written to a temporary name in its final folder and renamed into place, so an
 interrupted run, a full disk or a killed worker never leaves a half-written file under a final
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-__all__ = ["OutputError", "prepare_out_dir", "write_image", "write_json", "write_csv", "Manifest", "package_versions"]
+__all__ = ["OutputError", "prepare_out_dir", "write_image", "write_json", "write_csv", "package_versions"]
 
 
 class OutputError(OSError):
@@ -123,49 +123,3 @@ def package_versions(names: Iterable[str]) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             out[name] = "absent"
     return out
-
-
-class Manifest:
-    """``manifest.json``: inputs, parameters, versions and one status record per case.
-
-    It is rewritten atomically after every case, so it always describes what is on disk.
-    Args:
-        path: the manifest file.
-        step: the data_prep step name.
-        parameters: parameters that change outputs; a rerun with other values is refused.
-    """
-
-    def __init__(self, path: str | Path, step: str, parameters: dict):
-        self.path = Path(path)
-        self.data: dict = {"step": step, "parameters": parameters, "inputs": {}, "versions": {}, "cases": {}, "errors": []}
-        if self.path.exists():
-            try:
-                old = json.loads(self.path.read_text())
-            except (OSError, ValueError) as exc:
-                raise OutputError(f"{self.path} exists but is not a readable manifest ({exc}); move it away") from exc
-            if old.get("step") != step or old.get("parameters") != parameters:
-                raise OutputError(
-                    f"{self.path.parent} holds a '{old.get('step')}' run with parameters {old.get('parameters')}; "
-                    f"this run has {parameters}. Use another --out (outputs of different settings never mix)."
-                )
-            self.data["cases"] = old.get("cases", {})
-
-    def finished(self, case_id: str, root: Path) -> bool:
-        """True when the case succeeded before and all its files are still there."""
-        rec = self.data["cases"].get(case_id)
-        return bool(rec and rec.get("status") == "ok" and all((root / f).exists() for f in rec.get("files", {}).values()))
-
-    def record(self, case_id: str, rec: dict) -> None:
-        """Store a case record and rewrite the manifest."""
-        self.data["cases"][case_id] = rec
-        self.save()
-
-    def save(self) -> None:
-        """Rewrite the manifest atomically with a fresh summary."""
-        statuses = [c.get("status") for c in self.data["cases"].values()]
-        self.data["summary"] = {
-            "ok": statuses.count("ok"),
-            "failed": statuses.count("failed"),
-            "errors": len(self.data["errors"]),
-        }
-        write_json(self.data, self.path)

@@ -1,8 +1,8 @@
 """Render the synthetic chest CT phantom: HU slices plus lung, airway and nodule truth masks.
 
 Pure numpy/scipy: geometry and nodule masks in, arrays out (no files, no pylidc). The shapes are in
-:mod:`data_prep.synthetic_anatomy`, airways and vessels in :mod:`data_prep.synthetic_trees`, nodules
-in :mod:`data_prep.synthetic_nodules`; :mod:`data_prep.synthetic` feeds in real LIDC-IDRI geometry
+:mod:`data_prep.synthetic.anatomy`, airways and vessels in :mod:`data_prep.synthetic.trees`, nodules
+in :mod:`data_prep.synthetic.nodules`; :mod:`data_prep.synthetic.lidc_dicom` feeds in real LIDC-IDRI geometry
 and nodule outlines and writes DICOM. Arrays are (z, y, x) = (slice, row, column); rows run
 anterior -> posterior, columns patient right -> left, as in an axial DICOM image with orientation
 [1, 0, 0, 0, 1, 0].
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from data_prep.synthetic_anatomy import BODY_EXPONENT, CAVITY, MUSCLE_OUTER, RIB_OUTER, SPINE_V, ChestAnatomy, ellipse_q
-from data_prep.synthetic_nodules import NoduleDraw, NoduleSpec, nodule_balls, paint_nodules, prepare_nodules
-from data_prep.synthetic_trees import SD_SCALE, TubeField, airway_segments, rasterize_tubes, vessel_segments
+from data_prep.synthetic.anatomy import BODY_EXPONENT, CAVITY, MUSCLE_OUTER, RIB_OUTER, SPINE_V, ChestAnatomy, ellipse_q
+from data_prep.synthetic.nodules import NoduleDraw, NoduleSpec, nodule_balls, paint_nodules, prepare_nodules
+from data_prep.synthetic.trees import SD_SCALE, TubeField, airway_segments, rasterize_tubes, vessel_segments
 
 __all__ = ["NoduleSpec", "render_phantom", "field_of_view", "HU", "HU_MIN", "HU_MAX"]
 

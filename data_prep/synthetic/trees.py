@@ -1,6 +1,6 @@
 """Tube trees of the synthetic chest phantom: airways and pulmonary vessels, grown and rasterized.
 
-Trees live in the millimetre frame of :mod:`data_prep.synthetic_anatomy` (X = patient right ->
+Trees live in the millimetre frame of :mod:`data_prep.synthetic.anatomy` (X = patient right ->
 left, Y = anterior -> posterior, both relative to the image centre; Z = world z) and are returned
 as (n, 8) segment arrays: start (X, Y, Z), end (X, Y, Z), start radius, end radius (mm).
 :func:`rasterize_tubes` turns them into signed distances on the slices to render, (z, y, x).
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_prep.synthetic_anatomy import TRACHEA_UV, ChestAnatomy
+from data_prep.synthetic.anatomy import TRACHEA_UV, ChestAnatomy
 
 __all__ = [
     "grow_tree", "colonize_tree", "airway_segments", "vessel_segments", "TubeField", "rasterize_tubes", "SD_SCALE",

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 
-from .outputs import Manifest
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = ["run_cases"]
 
@@ -31,7 +31,7 @@ def run_cases(
         progress: show a tqdm bar. Default True.
         desc: the bar's label. Default ``"cases"``.
         scheduler: a Dask scheduler address (``"tcp://host:port"``): run each case as a task on
-            that cluster (see :mod:`data_prep.dask_runner`). Default None (local).
+            that cluster (see :mod:`data_prep.run.dask_cluster`). Default None (local).
 
     Raises:
         SchedulerError: ``scheduler`` is given but cannot be reached or its workers cannot write
@@ -41,7 +41,7 @@ def run_cases(
 
     bar = tqdm(total=len(tasks), desc=desc, unit="case", disable=not progress)
     if scheduler:
-        from .dask_runner import run_cases_dask
+        from data_prep.run.dask_cluster import run_cases_dask
 
         try:
             run_cases_dask(worker, tasks, manifest, scheduler, bar)
@@ -60,7 +60,7 @@ def run_cases(
                 try:
                     rec = fut.result()
                 except BrokenProcessPool as exc:
-                    rec = {"status": "failed", "error": f"worker process died ({exc}); rerun to retry", "warnings": []}
+                    rec = CaseRecord.failed(f"worker process died ({exc}); rerun to retry")
                 manifest.record(futures[fut], rec)
                 bar.update()
     bar.close()

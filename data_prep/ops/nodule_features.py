@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .lidc_nodules import CHARACTERISTICS
+from data_prep.annotations.lidc_nodules import CHARACTERISTICS
 
 __all__ = [
     "LabelRules",

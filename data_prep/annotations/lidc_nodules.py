@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dicom_series import CTVolume
-from .resample import Grid, resample_stack
+from data_prep.io.dicom_series import CTVolume
+from data_prep.ops.resample import Grid, resample_stack
 
 __all__ = ["NoduleRecord", "CHARACTERISTICS", "nodule_labels"]
 
