@@ -99,7 +99,10 @@ def main() -> None:
     convt = torch.nn.ConvTranspose3d(16, 16, 3, stride=2, padding=1, output_padding=1)
     x, xt = torch.randn(4, 16, 32, 32, 32), torch.randn(4, 16, 16, 16, 16)
     cases = {
-        "conv3d": {"pytorch": partial(layer_step, conv, x), "cpu_conv": partial(layer_step, fast(copy.deepcopy(conv)), x)},
+        "conv3d": {
+            "pytorch": partial(layer_step, conv, x),
+            "cpu_conv": partial(layer_step, fast(copy.deepcopy(conv)), x),
+        },
         "convtranspose3d": {
             "pytorch": partial(layer_step, convt, xt),
             "cpu_conv": partial(layer_step, fast(copy.deepcopy(convt)), xt),

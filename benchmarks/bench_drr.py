@@ -83,7 +83,17 @@ def _nanodrr(hu, nod, lung, sp, iso, poses, geom, n_samples, bands):
         rt_inv = torch.tensor(q_to_p @ cam_to_q, dtype=torch.float32)[None]
         rows = size // bands
         parts = [
-            render(subj, k_inv, rt_inv, sdd, rows, size, n_samples, src=src, tgt=tgt[:, b * rows * size : (b + 1) * rows * size])
+            render(
+                subj,
+                k_inv,
+                rt_inv,
+                sdd,
+                rows,
+                size,
+                n_samples,
+                src=src,
+                tgt=tgt[:, b * rows * size : (b + 1) * rows * size],
+            )
             for b in range(bands)
         ]
         outs.append(torch.cat(parts, 2)[0].numpy())
@@ -126,7 +136,20 @@ def child(mode: str, prepared: Path, case: str, n_poses: int, work: Path) -> Non
 
 
 def _run(mode, args, work) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--prepared", str(args.prepared), "--case", args.case, "--poses", str(args.poses), "--work", str(work)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        mode,
+        "--prepared",
+        str(args.prepared),
+        "--case",
+        args.case,
+        "--poses",
+        str(args.poses),
+        "--work",
+        str(work),
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode:
         raise RuntimeError(f"{mode} failed:\n{res.stderr[-3000:]}")
@@ -137,14 +160,37 @@ def _run(mode, args, work) -> dict:
 
 def _make_demo(tmp: Path) -> Path:
     py = [sys.executable, "-m", "data_prep"]
-    subprocess.run([*py, "synth-lidc", "--out", str(tmp / "dicom"), "--patient-ids", "LIDC-IDRI-0635", "--size", "full", "--quiet"], check=True, cwd=ROOT)
-    subprocess.run([*py, "lidc", "--dicom-root", str(tmp / "dicom"), "--out", str(tmp / "prep"), "--spacing", "2", "--quiet"], check=True, cwd=ROOT)
+    subprocess.run(
+        [
+            *py,
+            "synth-lidc",
+            "--out",
+            str(tmp / "dicom"),
+            "--patient-ids",
+            "LIDC-IDRI-0635",
+            "--size",
+            "full",
+            "--quiet",
+        ],
+        check=True,
+        cwd=ROOT,
+    )
+    subprocess.run(
+        [*py, "lidc", "--dicom-root", str(tmp / "dicom"), "--out", str(tmp / "prep"), "--spacing", "2", "--quiet"],
+        check=True,
+        cwd=ROOT,
+    )
     return tmp / "prep"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--prepared", type=Path, default=None, help="a lidc output folder (default: generate LIDC-IDRI-0635 full at 2 mm)")
+    ap.add_argument(
+        "--prepared",
+        type=Path,
+        default=None,
+        help="a lidc output folder (default: generate LIDC-IDRI-0635 full at 2 mm)",
+    )
     ap.add_argument("--case", default="LIDC-IDRI-0635")
     ap.add_argument("--poses", type=int, default=2, help="poses rendered by each side (pose 0 PA, then seeded poses)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -165,9 +211,13 @@ def main() -> None:
         r, x = runs[m], np.load(work / f"{m}.npz")
         rel = float(np.abs(x["drr"] - ref["drr"])[body].mean() / ref["drr"][body].mean())
         dice = [2 * (x[k] & ref[k]).sum() / max(x[k].sum() + ref[k].sum(), 1) for k in ("nod", "lung")]
-        print(f"{m:12s}{r['per_drr']:8.2f}{1 / r['per_drr']:8.3f}{r['peak_rss_gb']:9.2f}{rel:10.2%}{dice[0]:10.3f}{dice[1]:10.3f}")
-    print(f"speed-up (baseline / ours): {runs['baseline']['seconds'] / runs['ours']['seconds']:.1f}x; "
-          f"(nanodrr-200 / ours): {runs['nanodrr-200']['seconds'] / runs['ours']['seconds']:.1f}x")
+        print(
+            f"{m:12s}{r['per_drr']:8.2f}{1 / r['per_drr']:8.3f}{r['peak_rss_gb']:9.2f}{rel:10.2%}{dice[0]:10.3f}{dice[1]:10.3f}"
+        )
+    print(
+        f"speed-up (baseline / ours): {runs['baseline']['seconds'] / runs['ours']['seconds']:.1f}x; "
+        f"(nanodrr-200 / ours): {runs['nanodrr-200']['seconds'] / runs['ours']['seconds']:.1f}x"
+    )
 
 
 if __name__ == "__main__":

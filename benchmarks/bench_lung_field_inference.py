@@ -19,7 +19,6 @@ between the two sides' masks (they must agree).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -63,7 +62,11 @@ def write_phantom_ct(path: Path, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.25)
         seed: noise seed. Default 0.
     """
     rng = np.random.default_rng(seed)
-    x, y = np.meshgrid((np.arange(shape[0]) - shape[0] / 2) * spacing[0], (np.arange(shape[1]) - shape[1] / 2) * spacing[1], indexing="ij")
+    x, y = np.meshgrid(
+        (np.arange(shape[0]) - shape[0] / 2) * spacing[0],
+        (np.arange(shape[1]) - shape[1] / 2) * spacing[1],
+        indexing="ij",
+    )
     img = np.full(shape, -1024, np.int16)
     zs = (np.arange(shape[2]) - shape[2] / 2) * spacing[2]
     body = (x / 160) ** 2 + (y / 110) ** 2 < 1
@@ -79,7 +82,12 @@ def write_phantom_ct(path: Path, shape=(512, 512, 300), spacing=(0.7, 0.7, 1.25)
     img = img + rng.normal(0, 20, shape).astype(np.int16)
     vessels = rng.random(shape) < 0.002
     img[vessels & (img < -700)] = 0
-    nib.save(nib.Nifti1Image(np.clip(img, -1024, 3071).astype(np.int16), np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])), str(path))
+    nib.save(
+        nib.Nifti1Image(
+            np.clip(img, -1024, 3071).astype(np.int16), np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+        ),
+        str(path),
+    )
     return path
 
 
@@ -94,16 +102,23 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         ct = write_phantom_ct(work / "ct_full.nii.gz")
         print(f"phantom CT {nib.load(ct).shape} written; running {args.repeats} x (ours, baseline)", flush=True)
-        runs = alternate(lambda mode: run_child(CHILD, mode, [str(BUNDLE), str(ct), str(args.threads)], work), args.repeats)
+        runs = alternate(
+            lambda mode: run_child(CHILD, mode, [str(BUNDLE), str(ct), str(args.threads)], work), args.repeats
+        )
         best = print_best(runs, args.json)
         # CPU seconds do not depend on other load on a shared machine: on 2 idle cores, wall ~ cpu_s / 2 .. cpu_s
         for m in ("ours", "baseline"):
             print(f"{m:10s} CPU time {best[m]['cpu_s']:.1f} s (user + sys)")
-        masks = {m: np.asarray(nib.load(Path(best[m]["out"]) / "ct_full_lung.nii.gz").dataobj) > 0 for m in ("ours", "baseline")}
+        masks = {
+            m: np.asarray(nib.load(Path(best[m]["out"]) / "ct_full_lung.nii.gz").dataobj) > 0
+            for m in ("ours", "baseline")
+        }
         inter = (masks["ours"] & masks["baseline"]).sum()
         dice = 2 * inter / max(masks["ours"].sum() + masks["baseline"].sum(), 1)
         print(f"Dice between the two sides' masks: {dice:.4f}; lung voxels (ours): {int(masks['ours'].sum())}")
-        print(f"goal: ours <= 20 s on 2 cores -> {'met' if best['ours']['seconds'] <= 20 else 'NOT met'} ({best['ours']['seconds']:.1f} s)")
+        print(
+            f"goal: ours <= 20 s on 2 cores -> {'met' if best['ours']['seconds'] <= 20 else 'NOT met'} ({best['ours']['seconds']:.1f} s)"
+        )
     return best
 
 

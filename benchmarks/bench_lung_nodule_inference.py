@@ -105,7 +105,13 @@ def synthetic_chest(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
     zz, yy, xx = np.ogrid[: shape[2], : shape[1], : shape[0]]
     for _ in range(5):
         side = rng.choice([-1, 1])
-        c = np.array([shape[0] / 2 + side * 0.2 * shape[0] + rng.uniform(-20, 20), shape[1] / 2 + rng.uniform(-40, 40), rng.uniform(z0 + 0.1 * shape[2], z1 - 0.1 * shape[2])])
+        c = np.array(
+            [
+                shape[0] / 2 + side * 0.2 * shape[0] + rng.uniform(-20, 20),
+                shape[1] / 2 + rng.uniform(-40, 40),
+                rng.uniform(z0 + 0.1 * shape[2], z1 - 0.1 * shape[2]),
+            ]
+        )
         r = rng.uniform(3, 10)
         ball = ((xx - c[0]) ** 2 + (yy - c[1]) ** 2 + (zz - c[2]) ** 2 <= r * r).transpose(2, 1, 0)
         hu[ball] = 30
@@ -115,7 +121,11 @@ def synthetic_chest(shape: tuple[int, int, int], seed: int = 0) -> np.ndarray:
 def run_child(mode: str, scan: Path, work: Path, threads: int, tta_axes: list[int], device: str = "cpu") -> dict:
     out = Path(tempfile.mkdtemp(dir=work, prefix=mode))
     code = CHILD.format(bundle=str(BUNDLE))
-    res = subprocess.run([sys.executable, "-c", code, mode, str(scan), str(out), str(threads), json.dumps(tta_axes), device], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-c", code, mode, str(scan), str(out), str(threads), json.dumps(tta_axes), device],
+        capture_output=True,
+        text=True,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{mode} failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -142,7 +152,10 @@ def main() -> None:
             modes = args.modes if r % 2 == 0 else list(reversed(args.modes))
             for mode in modes:
                 runs.append(run_child(mode, scan, work, args.threads, args.tta_axes, args.device))
-                print(f"  {mode:9s} {runs[-1]['seconds']:8.1f} s  {runs[-1]['peak_rss_gb']:5.2f} GB  GPU {runs[-1]['peak_gpu_gb']:5.2f} GB  roi {runs[-1]['roi']}", flush=True)
+                print(
+                    f"  {mode:9s} {runs[-1]['seconds']:8.1f} s  {runs[-1]['peak_rss_gb']:5.2f} GB  GPU {runs[-1]['peak_gpu_gb']:5.2f} GB  roi {runs[-1]['roi']}",
+                    flush=True,
+                )
     best = {m: min((x for x in runs if x["mode"] == m), key=lambda x: x["seconds"]) for m in args.modes}
     print(f"{'':10s}{'best s':>9s}{'peak GB':>9s}")
     for m in args.modes:
@@ -150,7 +163,9 @@ def main() -> None:
     if "baseline" in best and "ours" in best:
         print(f"speed-up without TTA (baseline / ours): {best['baseline']['seconds'] / best['ours']['seconds']:.2f}x")
     if "baseline" in best and "ours_tta" in best:
-        print(f"speed-up with TTA (baseline / ours_tta): {best['baseline']['seconds'] / best['ours_tta']['seconds']:.2f}x")
+        print(
+            f"speed-up with TTA (baseline / ours_tta): {best['baseline']['seconds'] / best['ours_tta']['seconds']:.2f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps({"runs": runs, "best": best}, indent=2))
 

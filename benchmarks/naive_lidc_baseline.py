@@ -23,7 +23,9 @@ def _ball(radius: int) -> np.ndarray:
 def naive_lung_mask(hu: np.ndarray) -> np.ndarray:
     air = hu < -320
     lab, n = ndimage.label(air)
-    border = np.unique(np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(), lab[:, :, -1].ravel()]))
+    border = np.unique(
+        np.concatenate([lab[:, 0].ravel(), lab[:, -1].ravel(), lab[:, :, 0].ravel(), lab[:, :, -1].ravel()])
+    )
     sizes = ndimage.sum(air, lab, range(n + 1))
     sizes[border] = 0
     sizes[0] = 0
@@ -38,7 +40,9 @@ def naive_lung_mask(hu: np.ndarray) -> np.ndarray:
 def prepare_naive(files: list[str], scan, pl, out: Path, spacing: float = 1.0) -> tuple[int, ...]:
     """Prepare one scan the naive way; returns the output shape (z, y, x)."""
     slices = sorted((pydicom.dcmread(f) for f in files), key=lambda d: float(d.ImagePositionPatient[2]))
-    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices]).astype(np.float32)
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices]).astype(
+        np.float32
+    )
     hu = np.clip(hu, -1024, 3071)
     z = np.array([float(d.ImagePositionPatient[2]) for d in slices])
     ps = float(slices[0].PixelSpacing[0])

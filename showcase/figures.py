@@ -83,7 +83,9 @@ def ct_outlines(image: str | Path, pred: str | Path | None, ref: str | Path | No
     r = read_array(ref) > 0 if ref else None
     for name, m in (("prediction", p), ("reference", r)):
         if m is not None and m.shape != ct.shape:
-            raise ValueError(f"{name} {pred if name == 'prediction' else ref} has shape {m.shape}, image {image} has {ct.shape}")
+            raise ValueError(
+                f"{name} {pred if name == 'prediction' else ref} has shape {m.shape}, image {image} has {ct.shape}"
+            )
     focus = r if r is not None and r.any() else p
     if focus is not None and focus.any():
         z = int(np.argmax(focus.sum(axis=(1, 2))))

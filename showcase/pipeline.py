@@ -36,10 +36,22 @@ def run_main_job(out: Path, patients: int = 8, workers: int = 2, seed: int = 0) 
     runner.run("generate demo LIDC-IDRI DICOM", lambda log: run_command(
         data_prep_command("synth-lidc", "--out", d["lidc_dicom"], "--patients", patients, "--seed", seed, "--size", "small",
                           "--truth-out", d["lidc_truth"], "--quiet"), log))  # fmt: skip
-    runner.run("prepare LIDC-IDRI", lambda log: run_command(
-        data_prep_command("lidc", "--dicom-root", d["lidc_dicom"], "--out", d["lidc"], *w), log), needs=["generate demo LIDC-IDRI DICOM"])
-    runner.run("generate demo LUNA16", lambda log: run_command(
-        data_prep_command("synth-luna16", "--out", d["luna_raw"], "--patient-ids", *LUNA16_PATIENTS, "--size", "small", "--quiet"), log))
+    runner.run(
+        "prepare LIDC-IDRI",
+        lambda log: run_command(
+            data_prep_command("lidc", "--dicom-root", d["lidc_dicom"], "--out", d["lidc"], *w), log
+        ),
+        needs=["generate demo LIDC-IDRI DICOM"],
+    )
+    runner.run(
+        "generate demo LUNA16",
+        lambda log: run_command(
+            data_prep_command(
+                "synth-luna16", "--out", d["luna_raw"], "--patient-ids", *LUNA16_PATIENTS, "--size", "small", "--quiet"
+            ),
+            log,
+        ),
+    )
     runner.run("prepare LUNA16", lambda log: run_command(
         data_prep_command("luna16", "--luna-root", d["luna_raw"], "--annotations", d["luna_raw"] / "annotations.csv", "--out", d["luna"],
                           "--folds", 4, *w), log),

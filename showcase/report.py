@@ -55,10 +55,14 @@ def _cell(value: object) -> str:
 def _table(t: Table) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in t.header)
     body = "".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>" for row in t.rows)
-    return f"<table><caption>{html.escape(t.caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return (
+        f"<table><caption>{html.escape(t.caption)}</caption><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    )
 
 
-def write_report(out_html: Path, stages_json: Path, sections: list[Section], title: str = "Lung bundles on the demo world") -> Path:
+def write_report(
+    out_html: Path, stages_json: Path, sections: list[Section], title: str = "Lung bundles on the demo world"
+) -> Path:
     """Write the page; image paths are made relative to the page's folder.
 
     Args:
@@ -67,14 +71,18 @@ def write_report(out_html: Path, stages_json: Path, sections: list[Section], tit
         sections: the page's sections, in order.
         title: page title.
     """
-    stages = json.loads(Path(stages_json).read_text()) if Path(stages_json).exists() else {"stages": [], "total_seconds": 0}
+    stages = (
+        json.loads(Path(stages_json).read_text()) if Path(stages_json).exists() else {"stages": [], "total_seconds": 0}
+    )
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>",
              f"<p class='note'>Written {time.strftime('%Y-%m-%d %H:%M')}. Everything here ran on CPU on the synthetic demo world "
              "(phantom CTs that reuse real LIDC-IDRI geometry and nodule outlines): the numbers show that the pipeline works end "
              "to end after a brief training, not what the models reach on real data (see each bundle's docs/README.md).</p>"]  # fmt: skip
     n_failed = sum(s["status"] != "ok" for s in stages["stages"])
-    parts.append(f"<p>{len(stages['stages'])} stages, {n_failed} not ok, {stages.get('total_seconds', 0) / 60:.1f} min in all.</p>")
+    parts.append(
+        f"<p>{len(stages['stages'])} stages, {n_failed} not ok, {stages.get('total_seconds', 0) / 60:.1f} min in all.</p>"
+    )
     for sec in sections:
         parts.append(f"<section><h2>{html.escape(sec.title)}</h2>")
         if sec.intro:
@@ -84,21 +92,32 @@ def write_report(out_html: Path, stages_json: Path, sections: list[Section], tit
         parts.extend(_table(t) for t in sec.tables)
         for caption, png in sec.images:
             rel = os.path.relpath(png, out_html.parent)
-            parts.append(f"<figure><img src='{html.escape(rel)}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+            parts.append(
+                f"<figure><img src='{html.escape(rel)}' alt='{html.escape(caption)}'><figcaption>{html.escape(caption)}</figcaption></figure>"
+            )
         parts.append("</section>")
-    rows = [[s["name"], f"<span class='{s['status']}'>{s['status']}</span>", f"{s['seconds']:.1f}", s.get("log", "")] for s in stages["stages"]]
+    rows = [
+        [s["name"], f"<span class='{s['status']}'>{s['status']}</span>", f"{s['seconds']:.1f}", s.get("log", "")]
+        for s in stages["stages"]
+    ]
     parts.append("<section><h2>Stages and their time</h2><table><caption>each stage of the main job (logs under the output folder)</caption>"
                  "<thead><tr><th>stage</th><th>status</th><th>seconds</th><th>log</th></tr></thead><tbody>")  # fmt: skip
     for name, status, secs, log in rows:
-        parts.append(f"<tr><td>{html.escape(name)}</td><td>{status}</td><td>{secs}</td><td>{html.escape(log)}</td></tr>")
+        parts.append(
+            f"<tr><td>{html.escape(name)}</td><td>{status}</td><td>{secs}</td><td>{html.escape(log)}</td></tr>"
+        )
     parts.append("</tbody></table>")
     for s in stages["stages"]:
         if s["status"] != "ok" and s.get("error"):
-            parts.append(f"<p><b>{html.escape(s['name'])}</b> ({s['status']}):</p><div class='error'>{html.escape(s['error'][-2000:])}</div>")
+            parts.append(
+                f"<p><b>{html.escape(s['name'])}</b> ({s['status']}):</p><div class='error'>{html.escape(s['error'][-2000:])}</div>"
+            )
     # Lets a headless browser report whether every picture loaded (tests/showcase/test_report_browser.py).
-    parts.append("</section><script>window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);"
-                 "document.body.setAttribute('data-images-total',im.length);document.body.setAttribute('data-images-loaded',"
-                 "im.filter(function(i){return i.complete&&i.naturalWidth>0;}).length);});</script></body></html>")
+    parts.append(
+        "</section><script>window.addEventListener('load',function(){var im=Array.prototype.slice.call(document.images);"
+        "document.body.setAttribute('data-images-total',im.length);document.body.setAttribute('data-images-loaded',"
+        "im.filter(function(i){return i.complete&&i.naturalWidth>0;}).length);});</script></body></html>"
+    )
     out_html.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_html.with_suffix(".tmp")
     tmp.write_text("\n".join(parts))

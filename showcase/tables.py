@@ -25,7 +25,9 @@ def _number(value: str) -> object:
         return value
 
 
-def csv_table(path: str | Path, caption: str, columns: list[str] | None = None, max_rows: int = 30, shorten: tuple[str, ...] = ()) -> Table:
+def csv_table(
+    path: str | Path, caption: str, columns: list[str] | None = None, max_rows: int = 30, shorten: tuple[str, ...] = ()
+) -> Table:
     """A report table from a CSV file; numeric cells stay numbers; ``shorten`` columns keep their file name only.
 
     Raises:

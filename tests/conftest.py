@@ -84,7 +84,9 @@ def make_series(tmp_path):
         files = []
         for i, z in enumerate(zs):
             stored = np.full((size, size), value, dtype=np.int16) + i
-            files.append(write_ct_slice(tmp_path / folder / f"{i:03d}.dcm", stored, z, series_uid=uid, instance=i + 1, **kw))
+            files.append(
+                write_ct_slice(tmp_path / folder / f"{i:03d}.dcm", stored, z, series_uid=uid, instance=i + 1, **kw)
+            )
         return files
 
     return _make

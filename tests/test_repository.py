@@ -24,13 +24,19 @@ def test_no_tracked_file_points_outside_the_repository():
         if path.suffix not in TEXT_SUFFIXES or not path.is_file() or "tests/data" in path.as_posix():
             continue
         text = path.read_text(errors="replace")
-        offenders += [f"{path.relative_to(REPO)}: {needle}" for needle in OUTSIDE if needle in text and path != Path(__file__)]
+        offenders += [
+            f"{path.relative_to(REPO)}: {needle}" for needle in OUTSIDE if needle in text and path != Path(__file__)
+        ]
     assert not offenders, "files that point outside the repository:\n" + "\n".join(offenders)
 
 
 def test_no_data_prep_module_over_500_lines():
     """Every module of data_prep has at most 500 lines (the package is split along the pipeline)."""
-    long = {p.relative_to(REPO).as_posix(): n for p in (REPO / "data_prep").rglob("*.py") if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        p.relative_to(REPO).as_posix(): n
+        for p in (REPO / "data_prep").rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert not long, f"data_prep modules over {MAX_MODULE_LINES} lines: {long}"
 
 

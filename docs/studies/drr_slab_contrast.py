@@ -75,7 +75,9 @@ def main() -> None:
         w.writerows(rows)
     for key in ("drr", "best_slab"):
         v = np.array([r[key] for r in rows])
-        print(f"{key}: {len(v)} nodules, median contrast {np.median(v):.2f}, {100 * (v <= 1).mean():.0f}% at or below 1")
+        print(
+            f"{key}: {len(v)} nodules, median contrast {np.median(v):.2f}, {100 * (v <= 1).mean():.0f}% at or below 1"
+        )
 
 
 if __name__ == "__main__":

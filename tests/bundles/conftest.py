@@ -27,7 +27,9 @@ __all__ = ["BUNDLES", "REPO", "run_bundle", "ddp_release_probe", "assert_ddp_rel
 DEMO_PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0497", "LIDC-IDRI-0003", "LIDC-IDRI-0012"]
 
 
-def run_bundle(bundle: str | Path, config_files: list[str], *, timeout: int = 600, env: dict | None = None, **overrides) -> subprocess.CompletedProcess:
+def run_bundle(
+    bundle: str | Path, config_files: list[str], *, timeout: int = 600, env: dict | None = None, **overrides
+) -> subprocess.CompletedProcess:
     """Run ``python -m monai.bundle run`` from the bundle folder, as the docs tell users to.
 
     Args:
@@ -83,7 +85,9 @@ def assert_ddp_released_before_exit(stdout: str, world_size: int = 2) -> None:
     for rank in range(world_size):
         lines = [ln.split(":", 1)[1].strip() for ln in stdout.splitlines() if ln.startswith(f"[default{rank}]:")]
         probes = [ln for ln in lines if ln in ("PROBE_DDP_FREED", "PROBE_EXIT")]
-        assert probes == ["PROBE_DDP_FREED", "PROBE_EXIT"], f"rank {rank}: {probes} (the DDP wrapper outlived the interpreter's exit hooks)"
+        assert probes == ["PROBE_DDP_FREED", "PROBE_EXIT"], (
+            f"rank {rank}: {probes} (the DDP wrapper outlived the interpreter's exit hooks)"
+        )
 
 
 @contextlib.contextmanager

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 import torch
 
-from tests.bundles.conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, ddp_release_probe, run_bundle
+from tests.bundles.conftest import (
+    BUNDLES,
+    assert_ddp_released_before_exit,
+    bundle_scripts,
+    ddp_release_probe,
+    run_bundle,
+)
 
 BUNDLE = BUNDLES / "lung_field_ct_segmentation"
 # Tiny settings for the tests' training runs: 4 mm pixels, 96 x 96 slices, few slices per volume.
@@ -139,8 +145,12 @@ def test_gradient_clip_handler_bounds_the_step_gradient():
         net = torch.nn.Conv2d(1, 2, 3, padding=1)
         data = [{"image": torch.randn(2, 1, 8, 8) * 100, "label": torch.randn(2, 2, 8, 8)}]
         trainer = SupervisedTrainer(
-            device="cpu", max_epochs=1, train_data_loader=data, network=net,
-            optimizer=torch.optim.SGD(net.parameters(), lr=0.0), loss_function=lambda p, t: ((p - t) ** 2).sum(),
+            device="cpu",
+            max_epochs=1,
+            train_data_loader=data,
+            network=net,
+            optimizer=torch.optim.SGD(net.parameters(), lr=0.0),
+            loss_function=lambda p, t: ((p - t) ** 2).sum(),
         )
         norms = []
         if clip:
@@ -207,8 +217,14 @@ def trained(lidc_demo_prepared, tmp_path_factory):
     run_bundle(BUNDLE, evaluate, ckpt_dir=str(root / "untrained"), output_dir=str(root / "eval_before"), **common)
     # one validation, at the end, on fold 1: the saved model is the final one (no selection on the held-out fold)
     run_bundle(
-        BUNDLE, ["configs/train.json"], ckpt_dir=str(root / "ckpt"), output_dir=str(root / "train_out"),
-        train__trainer__max_epochs=12, val_interval=12, learning_rate=0.005, **common,
+        BUNDLE,
+        ["configs/train.json"],
+        ckpt_dir=str(root / "ckpt"),
+        output_dir=str(root / "train_out"),
+        train__trainer__max_epochs=12,
+        val_interval=12,
+        learning_rate=0.005,
+        **common,
     )
     run_bundle(BUNDLE, evaluate, ckpt_dir=str(root / "ckpt"), output_dir=str(root / "eval_after"), **common)
     return root
@@ -217,12 +233,17 @@ def trained(lidc_demo_prepared, tmp_path_factory):
 @pytest.mark.slow
 def test_short_training_beats_untrained_on_held_out_fold(trained, lidc_demo_prepared):
     """Training on fold 0 raises the per-volume Dice on held-out fold 1 well above the untrained network's."""
+
     def dice(folder):
         rows = _read_csv(trained / folder / "val_mean_dice_raw.csv")
         return {Path(r[0]).name: float(r[1]) for r in rows[1:]}
 
     before, after = dice("eval_before"), dice("eval_after")
-    held_out = {Path(d["image"]).name for d in json.loads((lidc_demo_prepared / "datalist.json").read_text())["training"] if d["fold"] == 1}
+    held_out = {
+        Path(d["image"]).name
+        for d in json.loads((lidc_demo_prepared / "datalist.json").read_text())["training"]
+        if d["fold"] == 1
+    }
     assert set(after) == held_out  # one row per held-out volume
     assert np.mean(list(after.values())) > np.mean(list(before.values())) + 0.2
     assert min(after.values()) > 0.7
@@ -295,14 +316,20 @@ def _write_formats(folder: Path, hu: np.ndarray, spacing=(1.5, 1.5, 2.5), origin
             folder / "1.2.840.1234.5" / f"{k:03d}.dcm", (hu[k] + 1024).astype(np.int16), origin[2] + k * spacing[2],
             series_uid=uid, pixel_spacing=spacing[0], origin_xy=origin[:2], instance=k + 1,
         )  # fmt: skip
-    return {"chest_a": folder / "chest_a.nii.gz", "chest_b": folder / "chest_b.mha", "1.2.840.1234.5": folder / "1.2.840.1234.5"}
+    return {
+        "chest_a": folder / "chest_a.nii.gz",
+        "chest_b": folder / "chest_b.mha",
+        "1.2.840.1234.5": folder / "1.2.840.1234.5",
+    }
 
 
 def _run_inference(input_path, out: Path) -> subprocess.CompletedProcess:
     """``monai.bundle run`` of inference.json from the bundle folder; the exit status is left to the test."""
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
            "--input_path", input_path if isinstance(input_path, str) else json.dumps(input_path), "--output_dir", str(out)]  # fmt: skip
-    return subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""})
+    return subprocess.run(
+        cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": ""}
+    )
 
 
 def test_expand_inputs_file_folder_list_and_input_id(tmp_path):
@@ -563,11 +590,11 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
         import torch
         from monai.bundle import ckpt_export, verify_net_in_out, ConfigParser
         verify_net_in_out(net_id="network_def", meta_file="configs/metadata.json", config_file="configs/inference.json")
-        ckpt_export(net_id="network_def", filepath={str(tmp_path / 'model.ts')!r}, ckpt_file="models/model.pt",
+        ckpt_export(net_id="network_def", filepath={str(tmp_path / "model.ts")!r}, ckpt_file="models/model.pt",
                     meta_file="configs/metadata.json", config_file="configs/inference.json")
         p = ConfigParser(); p.read_config("configs/inference.json")
         net = p.get_parsed_content("network_def"); net.load_state_dict(torch.load("models/model.pt", weights_only=True)); net.eval()
-        ts = torch.jit.load({str(tmp_path / 'model.ts')!r})
+        ts = torch.jit.load({str(tmp_path / "model.ts")!r})
         x = torch.rand(2, 1, 64, 80)
         with torch.no_grad():
             assert torch.allclose(net(x), ts(x), atol=1e-4)
@@ -579,7 +606,14 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
         print("OK")
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=BUNDLE, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout and "16 REFUSED" in proc.stdout, proc.stderr[-3000:]
     assert (tmp_path / "model.ts").stat().st_size > 100_000
 
@@ -595,7 +629,7 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
         import json, sys, torch
         from monai.bundle import ConfigParser
         p = ConfigParser(); p.read_config("configs/inference.json"); p.read_meta("configs/metadata.json")
-        p["input_path"] = {str(tmp_path / 'ct.nii.gz')!r}; p["output_dir"] = {str(tmp_path / 'out')!r}
+        p["input_path"] = {str(tmp_path / "ct.nii.gz")!r}; p["output_dir"] = {str(tmp_path / "out")!r}
         pre, net, inferer, post = (p.get_parsed_content(k) for k in ("preprocessing", "network", "inferer", "postprocessing"))
         net.load_state_dict(torch.load("models/model.pt", weights_only=True)); net.eval()
         d = pre({{"image": p["input_path"]}})
@@ -610,7 +644,14 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
         print("DATA_PREP", "data_prep" in sys.modules)
         """
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": ""})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=folder,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": ""},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "PRED (1, 96, 96, 6)" in proc.stdout and "META lung" in proc.stdout and "DATA_PREP False" in proc.stdout
     assert nib.load(tmp_path / "out" / "ct_lung.nii.gz").shape == (96, 96, 6)
@@ -620,16 +661,44 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
 def test_torchrun_two_processes_cpu(lidc_demo_prepared, tmp_path):
     """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo) to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""
-    configs = [str(BUNDLE / "configs" / "train.json"), str(BUNDLE / "configs" / "multi_gpu_train.json"), ddp_release_probe(BUNDLE, tmp_path)]
+    configs = [
+        str(BUNDLE / "configs" / "train.json"),
+        str(BUNDLE / "configs" / "multi_gpu_train.json"),
+        ddp_release_probe(BUNDLE, tmp_path),
+    ]
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--tee=3", "--master_port=29531", "-m", "monai.bundle", "run",
-        "--config_file", json.dumps(configs),
-        "--dataset_dir", str(lidc_demo_prepared), "--ckpt_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "out"),
-        "--train#trainer#max_epochs", "1", "--val_interval", "1",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--tee=3",
+        "--master_port=29531",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        json.dumps(configs),
+        "--dataset_dir",
+        str(lidc_demo_prepared),
+        "--ckpt_dir",
+        str(tmp_path / "ckpt"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--train#trainer#max_epochs",
+        "1",
+        "--val_interval",
+        "1",
     ]
     for k, v in TINY.items():
         cmd += [f"--{k}", json.dumps(v)]
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        cmd,
+        cwd=BUNDLE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     sd = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd)  # the DDP wrapper is not in the checkpoint

@@ -21,7 +21,13 @@ from .conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, 
 
 BUNDLE = BUNDLES / "lung_nodule_ct_segmentation"
 # Small enough for CPU tests: 32^3 patches, one scan per step, tiny epochs.
-FAST = {"patch_size": [32, 32, 32], "num_samples": 2, "num_workers": 0, "infer_roi_size": [64, 64, 32], "sw_batch_size": 4}
+FAST = {
+    "patch_size": [32, 32, 32],
+    "num_samples": 2,
+    "num_workers": 0,
+    "infer_roi_size": [64, 64, 32],
+    "sw_batch_size": 4,
+}
 
 
 def _crop_case(src: Path, dst: Path, item: dict, half: int = 40) -> dict:
@@ -69,7 +75,9 @@ def _meta_tensor(arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0
 
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = origin
-    return MetaTensor(torch.as_tensor(arr)[None].float(), affine=torch.as_tensor(affine), meta={"filename_or_obj": name})
+    return MetaTensor(
+        torch.as_tensor(arr)[None].float(), affine=torch.as_tensor(affine), meta={"filename_or_obj": name}
+    )
 
 
 def test_deep_supervision_lists_in_training_and_plain_tensor_in_eval():
@@ -104,8 +112,13 @@ def test_bad_input_gets_clear_messages(tmp_path):
         with pytest.raises(ValueError, match=r"thick\.nii\.gz.*coarser than 3"):
             scripts.CheckSpacingd("image", pixdim=(1, 1, 1))(thick)
 
-        small = {"image": _meta_tensor(np.ones((40, 40, 12)), name="/data/thin.nii.gz"), "label": _meta_tensor(np.ones((40, 40, 12)))}
-        with pytest.raises(ValueError, match=r"thin\.nii\.gz: scan of 40 x 40 x 12 voxels.*smaller than the patch 32 x 32 x 32"):
+        small = {
+            "image": _meta_tensor(np.ones((40, 40, 12)), name="/data/thin.nii.gz"),
+            "label": _meta_tensor(np.ones((40, 40, 12))),
+        }
+        with pytest.raises(
+            ValueError, match=r"thin\.nii\.gz: scan of 40 x 40 x 12 voxels.*smaller than the patch 32 x 32 x 32"
+        ):
             scripts.CheckSized(["image", "label"], (32, 32, 32), mode="raise")(small)
         padded = scripts.CheckSized(["image", "label"], (32, 32, 32), mode="pad")(small)
         assert padded["image"].shape == (1, 40, 40, 32) and padded["label"].shape == (1, 40, 40, 32)
@@ -117,7 +130,9 @@ def test_bad_input_gets_clear_messages(tmp_path):
         for i in range(3):
             nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.int16), np.eye(4)), tmp_path / f"images/c{i}.nii.gz")
             nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), tmp_path / f"labels/c{i}.nii.gz")
-            items.append({"case_id": f"c{i}", "image": f"images/c{i}.nii.gz", "label": f"labels/c{i}.nii.gz", "fold": i % 2})
+            items.append(
+                {"case_id": f"c{i}", "image": f"images/c{i}.nii.gz", "label": f"labels/c{i}.nii.gz", "fold": i % 2}
+            )
         (tmp_path / "datalist.json").write_text(json.dumps({"training": items}))
         with pytest.raises(ValueError, match="empty label set"):
             scripts.load_split(tmp_path / "datalist.json", tmp_path, 1, "train")
@@ -131,7 +146,9 @@ def test_froc_and_cpm_follow_luna16_rules():
     with bundle_scripts(BUNDLE) as scripts:
         det = scripts.detection
         label = np.zeros((40, 40, 40), np.int32)
-        label[8:13, 8:13, 8:13] = 1  # 125 voxels at 1 mm: equivalent diameter 6.2 mm, radius 3.1 mm, centre (10, 10, 10)
+        label[8:13, 8:13, 8:13] = (
+            1  # 125 voxels at 1 mm: equivalent diameter 6.2 mm, radius 3.1 mm, centre (10, 10, 10)
+        )
         label[28:31, 28:31, 28:31] = 2  # centre (29, 29, 29)
         nods = det.reference_nodules(label, (1, 1, 1))
         assert [n["label"] for n in nods] == [1, 2]
@@ -184,7 +201,10 @@ def test_init_checkpoint_loads_weights_and_refuses_bad_files(tmp_path):
         scripts.network.load_initial_weights(dst, str(tmp_path / "ck.pt"))
         assert all(torch.equal(a, b) for a, b in zip(src.state_dict().values(), dst.state_dict().values()))
         assert scripts.network.load_initial_weights(dst, "") is dst
-        torch.save(scripts.DeepSupervisionAttentionUnet(channels=(4, 8, 32), strides=(2, 2), deep_supr_num=1).state_dict(), tmp_path / "other.pt")
+        torch.save(
+            scripts.DeepSupervisionAttentionUnet(channels=(4, 8, 32), strides=(2, 2), deep_supr_num=1).state_dict(),
+            tmp_path / "other.pt",
+        )
         with pytest.raises(ValueError, match="other.pt does not fit network_def"):
             scripts.network.load_initial_weights(dst, str(tmp_path / "other.pt"))
         (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
@@ -217,7 +237,9 @@ def test_second_scale_finds_a_mass_the_first_sees_only_as_a_rim():
     import torch.nn.functional as F
     from monai.bundle import ConfigParser
 
-    class SmallBlobDetector(torch.nn.Module):  # white top-hat over a 15-voxel box: positive on blobs narrower than the box
+    class SmallBlobDetector(
+        torch.nn.Module
+    ):  # white top-hat over a 15-voxel box: positive on blobs narrower than the box
         def forward(self, x):
             local = F.avg_pool3d(x, 15, stride=1, padding=7, count_include_pad=False)
             return 10.0 * (x - local - 0.25)
@@ -268,7 +290,11 @@ def test_coarse_pass_windows_are_shrunk_without_adding_windows():
             assert full == [min(96, -(-s // 8) * 8) for s in shape]
             assert all(t <= f and t % 8 == 0 for t, f in zip(tight, full))
             assert monai_windows(shape, tight) == monai_windows(shape, full)
-            assert all(monai_windows(shape, [*tight[:i], tight[i] - 8, *tight[i + 1:]]) > monai_windows(shape, full) for i in range(3) if tight[i] > 8)
+            assert all(
+                monai_windows(shape, [*tight[:i], tight[i] - 8, *tight[i + 1 :]]) > monai_windows(shape, full)
+                for i in range(3)
+                if tight[i] > 8
+            )
         inf._fit_roi((158, 115, 150), tight=True)
         assert inf.roi_size == [96, 72, 88]  # 2 windows per axis either way, 31 % fewer voxels per window
 
@@ -293,12 +319,18 @@ def test_nodule_table_rows_largest_first_with_each_components_own_statistics():
     rng = np.random.default_rng(3)
     mask = np.zeros((40, 30, 20), np.float32)
     prob = rng.uniform(0.0, 0.4, size=mask.shape).astype(np.float32)  # background probability must not leak in
-    boxes = {"small": (slice(2, 4), slice(3, 5), slice(0, 2)), "large": (slice(20, 26), slice(10, 15), slice(8, 12)), "edge": (slice(37, 40), slice(27, 30), slice(17, 20))}
+    boxes = {
+        "small": (slice(2, 4), slice(3, 5), slice(0, 2)),
+        "large": (slice(20, 26), slice(10, 15), slice(8, 12)),
+        "edge": (slice(37, 40), slice(27, 30), slice(17, 20)),
+    }
     for box in boxes.values():
         mask[box] = 1
         prob[box] = rng.uniform(0.5, 1.0, size=prob[box].shape)
     with bundle_scripts(BUNDLE) as scripts:
-        rows = scripts.NoduleTabled("pred", prob_key="prob")({"pred": _meta_tensor(mask), "prob": _meta_tensor(prob)})["nodules"]
+        rows = scripts.NoduleTabled("pred", prob_key="prob")({"pred": _meta_tensor(mask), "prob": _meta_tensor(prob)})[
+            "nodules"
+        ]
     assert [r["volume_mm3"] for r in rows] == [120.0, 27.0, 8.0] and [r["nodule"] for r in rows] == [1, 2, 3]
     for row, name in zip(rows, ["large", "edge", "small"]):
         box = boxes[name]
@@ -322,16 +354,26 @@ def test_post_processing_in_the_foreground_box_equals_the_whole_volume():
     mask[30:36, 5:11, 0:6] = 1
     mask[32:34, 7:9, 0:2] = 0  # a dent open to the volume's face: stays open
     mask[50, 45, 35] = 1  # a 1-voxel speck at 0.5 x 0.5 x 1 mm: removed (< 10 mm^3)
-    mask[5, 40, 15:35] = 1  # 20 voxels = 5 mm^3: removed only if the crop kept the spacing (20 voxels at 1 mm would stay)
+    mask[5, 40, 15:35] = (
+        1  # 20 voxels = 5 mm^3: removed only if the crop kept the spacing (20 voxels at 1 mm would stay)
+    )
     mask[40:46, 28:34, 18:23] = rng.uniform(size=(6, 6, 5)) > 0.3  # a ragged blob of about 125 voxels (31 mm^3): kept
     with bundle_scripts(BUNDLE) as scripts:
         for m in (mask, np.zeros_like(mask)):
             want = Compose(steps())({"pred": _meta_tensor(m, spacing=(0.5, 0.5, 1.0))})["pred"]
-            got = scripts.InForegroundBoxd("pred", transforms=steps())({"pred": _meta_tensor(m, spacing=(0.5, 0.5, 1.0))})["pred"]
+            got = scripts.InForegroundBoxd("pred", transforms=steps())(
+                {"pred": _meta_tensor(m, spacing=(0.5, 0.5, 1.0))}
+            )["pred"]
             assert torch.equal(torch.as_tensor(got), torch.as_tensor(want))
     assert want.sum() == 0 and torch.as_tensor(got).sum() == 0  # the empty mask stayed empty
     full = Compose(steps())({"pred": _meta_tensor(mask, spacing=(0.5, 0.5, 1.0))})["pred"]
-    assert full[0, 15, 15, 15] == 1 and full[0, 33, 8, 0] == 0 and full[0, 50, 45, 35] == 0 and full[0, 5, 40, 30] == 0 and full[0, 42:44, 30:32, 20:22].any()  # the cases above do occur
+    assert (
+        full[0, 15, 15, 15] == 1
+        and full[0, 33, 8, 0] == 0
+        and full[0, 50, 45, 35] == 0
+        and full[0, 5, 40, 30] == 0
+        and full[0, 42:44, 30:32, 20:22].any()
+    )  # the cases above do occur
 
 
 def test_hard_negatives_come_mostly_from_the_lungs():
@@ -441,7 +483,11 @@ def test_scans_with_attached_nodules_drawn_more_often():
             parser = ConfigParser()
             parser.read_config(str(BUNDLE / "configs" / "train.json"))
             parser["attached_weight"], parser["attached_scan_weight"] = weights
-            hn = next(t for t in parser.get_parsed_content("train#deterministic_transforms") if isinstance(t, scripts.HardNegativeIndicesd))
+            hn = next(
+                t
+                for t in parser.get_parsed_content("train#deterministic_transforms")
+                if isinstance(t, scripts.HardNegativeIndicesd)
+            )
             assert (hn.attached_threshold is not None) is measured, weights
 
 
@@ -521,7 +567,14 @@ def test_evaluate_and_inference_write_metrics_masks_and_tables(trained, tiny_lun
     header = (tmp_path / "pred/nodules.csv").read_text().splitlines()[0]
     assert header.startswith("case_id")
     if np.asarray(mask.dataobj).any():
-        for col in ("centre_x_mm", "centre_y_mm", "centre_z_mm", "volume_mm3", "equivalent_diameter_mm", "mean_probability"):
+        for col in (
+            "centre_x_mm",
+            "centre_y_mm",
+            "centre_z_mm",
+            "volume_mm3",
+            "equivalent_diameter_mm",
+            "mean_probability",
+        ):
             assert col in header
 
 
@@ -756,7 +809,9 @@ def test_tables_keep_earlier_runs_and_replace_the_rows_of_a_rerun_scan(tmp_path)
         header, scans = _read_csv(out / "scans.csv")
         assert header == ["case_id", "input", "nodules", "non_finite_voxels"]
         assert [tuple(r.values()) for r in scans] == [
-            ("clear", "/d/clear.nii.gz", "0", "0"), ("b", "/d/b.mha", "1", "0"), ("a", "/e/a.nii.gz", "1", "0"),
+            ("clear", "/d/clear.nii.gz", "0", "0"),
+            ("b", "/d/b.mha", "1", "0"),
+            ("a", "/e/a.nii.gz", "1", "0"),
         ]
         assert sorted(p.name for p in out.iterdir()) == ["nodules.csv", "scans.csv"]  # no temporary file left
         (tmp_path / "other").mkdir()
@@ -921,7 +976,14 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
     """verify_net_in_out passes on the config's network, and ckpt_export writes a TorchScript file that matches the eager network."""
     env = {**os.environ, "PYTHONPATH": ""}
     common = ["--meta_file", "configs/metadata.json", "--config_file", "configs/inference.json"]
-    subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", *common, "--n", "2"], cwd=BUNDLE, env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", *common, "--n", "2"],
+        cwd=BUNDLE,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     ts_path = tmp_path / "model.ts"
     subprocess.run(
         [sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts_path), "--ckpt_file", "models/model.pt", *common],
@@ -929,7 +991,9 @@ def test_verify_net_in_out_and_ckpt_export(tmp_path):
     )  # fmt: skip
     extra = {"metadata.json": ""}
     ts = torch.jit.load(str(ts_path), _extra_files=extra)
-    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["channel_def"] == {"0": "nodule"}
+    assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["channel_def"] == {
+        "0": "nodule"
+    }
     with bundle_scripts(BUNDLE) as scripts:
         net = scripts.DeepSupervisionAttentionUnet(channels=(8, 16, 32, 64), strides=(2, 2, 2))
     net.load_state_dict(torch.load(BUNDLE / "models/model.pt", weights_only=True))
@@ -971,7 +1035,14 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
         assert ts(torch.zeros(1, 1, 32, 32, 32)).shape == (1, 1, 32, 32, 32)
         print("OK")
     """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=folder, env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=folder,
+        env={**os.environ, "PYTHONPATH": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -980,12 +1051,25 @@ def test_torchrun_two_processes_cpu(tiny_luna, tmp_path):
     """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo, DistributedSampler) to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""
     torchrun = Path(sys.executable).with_name("torchrun")
-    files = json.dumps([str(BUNDLE / "configs/train.json"), str(BUNDLE / "configs/multi_gpu_train.json"), ddp_release_probe(BUNDLE, tmp_path)])
+    files = json.dumps(
+        [
+            str(BUNDLE / "configs/train.json"),
+            str(BUNDLE / "configs/multi_gpu_train.json"),
+            ddp_release_probe(BUNDLE, tmp_path),
+        ]
+    )
     cmd = [str(torchrun), "--nproc_per_node=2", "--tee=3", "--master_port=29547", "-m", "monai.bundle", "run", "--config_file", files, "--dataset_dir", str(tiny_luna),
            "--epochs", "1", "--val_interval", "1", "--ckpt_dir", str(tmp_path / "models"), "--output_dir", str(tmp_path / "eval")]  # fmt: skip
     for key, value in FAST.items():
         cmd += [f"--{key}", json.dumps(value)]
-    proc = subprocess.run(cmd, cwd=BUNDLE, env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd,
+        cwd=BUNDLE,
+        env={**os.environ, "PYTHONPATH": "", "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     sd = torch.load(tmp_path / "models/model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in sd) and "deep_supervision_heads.0.weight" in sd

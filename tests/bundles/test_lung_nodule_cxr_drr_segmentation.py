@@ -23,7 +23,13 @@ import SimpleITK as sitk
 import torch
 from scipy import ndimage
 
-from tests.bundles.conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, ddp_release_probe, run_bundle
+from tests.bundles.conftest import (
+    BUNDLES,
+    assert_ddp_released_before_exit,
+    bundle_scripts,
+    ddp_release_probe,
+    run_bundle,
+)
 
 NAME = "lung_nodule_cxr_drr_segmentation"
 BUNDLE = BUNDLES / NAME
@@ -67,14 +73,26 @@ def make_drr_set(root: Path, n: int, folds: list[int], seed: int = 0, size: int 
         radius = None if i >= n - negatives else float(rng.uniform(3, 8))
         drr, xray, mask = _pair(rng, size, radius)
         sample = f"case{i:03d}_p0"
-        for sub, arr in (("images/drr", drr), ("images/xray", xray), ("labels/nodules", mask), ("labels/lungs", np.ones_like(mask))):
+        for sub, arr in (
+            ("images/drr", drr),
+            ("images/xray", xray),
+            ("labels/nodules", mask),
+            ("labels/lungs", np.ones_like(mask)),
+        ):
             _write(arr, root / sub / f"{sample}.nii.gz")
-        items.append({
-            "xray": f"images/xray/{sample}.nii.gz", "drr": f"images/drr/{sample}.nii.gz",
-            "label": f"labels/nodules/{sample}.nii.gz", "lung": f"labels/lungs/{sample}.nii.gz",
-            "fold": folds[i % len(folds)], "case_id": f"case{i:03d}", "patient_id": f"case{i:03d}", "pose": 0,
-            "max_diameter_mm": None if radius is None else 2 * radius,
-        })
+        items.append(
+            {
+                "xray": f"images/xray/{sample}.nii.gz",
+                "drr": f"images/drr/{sample}.nii.gz",
+                "label": f"labels/nodules/{sample}.nii.gz",
+                "lung": f"labels/lungs/{sample}.nii.gz",
+                "fold": folds[i % len(folds)],
+                "case_id": f"case{i:03d}",
+                "patient_id": f"case{i:03d}",
+                "pose": 0,
+                "max_diameter_mm": None if radius is None else 2 * radius,
+            }
+        )
     (root / "datalist.json").write_text(json.dumps({"training": items}, indent=1))
     return root
 
@@ -140,7 +158,7 @@ def test_xrv_key_mapping_loads_torchvision_named_resnet50(tmp_path):
         scripts.network.load_xrv_weights(net, path)  # what xrv_weights=<path> does at construction
         own = net.state_dict()
         for key, value in src.items():
-            k = key[len("model."):]
+            k = key[len("model.") :]
             if k.startswith("fc."):
                 continue
             assert torch.equal(own["backbone." + k], value), k
@@ -151,7 +169,9 @@ def test_xrv_key_mapping_loads_torchvision_named_resnet50(tmp_path):
         assert all(id(p) not in {id(q) for q in net.prior.parameters()} for g in groups for p in g["params"])
         # a narrower backbone cannot take ResNet-50 weights: clear message, not a deep traceback
         with pytest.raises(ValueError, match="backbone_width 64"):
-            scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(4,) * 5, decoder_channels=(8,) * 6, xrv_weights=str(path))
+            scripts.network.CxrDrrFusionNet(
+                backbone_width=8, attention_channels=(4,) * 5, decoder_channels=(8,) * 6, xrv_weights=str(path)
+            )
         # a pickled module instead of a state dict is refused (weights_only=True)
         torch.save(torch.nn.Linear(2, 2), tmp_path / "module.pt")
         with pytest.raises(ValueError, match="state dict"):
@@ -162,7 +182,9 @@ def test_network_fuses_drr_attention_at_each_scale():
     """Output is (B, 5, H, W): nodule logit plus attention at 1/4..1/32 (constant on 4..32-pixel blocks); the DRR changes the mask only through fusion (alpha)."""
     with bundle_scripts(BUNDLE) as scripts:
         torch.manual_seed(0)
-        net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8)).eval()
+        net = scripts.network.CxrDrrFusionNet(
+            backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8)
+        ).eval()
         x = torch.randn(2, 2, 64, 64)
         with torch.no_grad():
             y = net(x)
@@ -197,7 +219,9 @@ def test_drr_skips_give_the_decoder_the_drr_without_the_gates():
             ts = torch.jit.script(net)
             assert torch.allclose(ts(x2), y2, atol=1e-5)
         # the same layout without the skips: alpha 0 cuts the DRR off the mask (see the test above)
-        plain = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        plain = scripts.network.CxrDrrFusionNet(
+            backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8)
+        )
         assert sum(p.numel() for p in net.decoder.parameters()) > sum(p.numel() for p in plain.decoder.parameters())
 
 
@@ -245,8 +269,12 @@ def test_init_checkpoint_fine_tunes_from_saved_weights_and_names_bad_files(tmp_p
         with pytest.raises(ValueError, match="skips.pt does not fit network_def"):
             scripts.network.load_init_checkpoint(scripts.network.CxrDrrFusionNet(**kw), str(tmp_path / "skips.pt"))
         wide = dict(kw, decoder_channels=(32, 16, 8, 8, 8, 8))
-        with pytest.raises(ValueError, match="ckpt.pt does not fit network_def"):  # widening adds inputs, never other sizes
-            scripts.network.load_init_checkpoint(scripts.network.CxrDrrFusionNet(**wide, drr_skips=True), str(tmp_path / "ckpt.pt"))
+        with pytest.raises(
+            ValueError, match="ckpt.pt does not fit network_def"
+        ):  # widening adds inputs, never other sizes
+            scripts.network.load_init_checkpoint(
+                scripts.network.CxrDrrFusionNet(**wide, drr_skips=True), str(tmp_path / "ckpt.pt")
+            )
 
 
 def test_init_checkpoint_exclude_keeps_the_fresh_attention_path(tmp_path):
@@ -268,7 +296,9 @@ def test_init_checkpoint_exclude_keeps_the_fresh_attention_path(tmp_path):
         assert all(torch.equal(got[k], ckpt[k]) for k in rest)
         assert not torch.equal(fresh["decoder.head.weight"], ckpt["decoder.head.weight"])  # so loading the rest is seen
         dst2 = scripts.network.CxrDrrFusionNet(**kw, in_channels=5)
-        scripts.network.load_init_checkpoint(dst2, str(tmp_path / "plain.pt"), "attention.")  # one prefix as a plain string
+        scripts.network.load_init_checkpoint(
+            dst2, str(tmp_path / "plain.pt"), "attention."
+        )  # one prefix as a plain string
         assert torch.equal(dst2.state_dict()["decoder.head.weight"], ckpt["decoder.head.weight"])
         assert not torch.equal(dst2.state_dict()["attention.stem.0.weight"][:, :1], ckpt["attention.stem.0.weight"])
         with pytest.raises(ValueError, match="'atention.' matches no weight"):
@@ -288,8 +318,12 @@ def test_init_checkpoint_without_drr_skips_widens_into_a_skip_network(tmp_path):
         x = torch.randn(2, 2, 64, 64)
         with torch.no_grad():
             assert torch.allclose(dst(x), src(x), atol=1e-6)
-        widened = [k for k in scripts.network.WIDENABLE_INPUTS if src.state_dict()[k].shape != dst.state_dict()[k].shape]
-        assert len(widened) == 6 and all(k.startswith("decoder.") for k in widened)  # the attention path keeps its input
+        widened = [
+            k for k in scripts.network.WIDENABLE_INPUTS if src.state_dict()[k].shape != dst.state_dict()[k].shape
+        ]
+        assert len(widened) == 6 and all(
+            k.startswith("decoder.") for k in widened
+        )  # the attention path keeps its input
         for key in widened:  # old inputs copied, the DRR's new ones zero
             old, new = src.state_dict()[key], dst.state_dict()[key]
             assert new.shape[1] > old.shape[1]
@@ -340,13 +374,27 @@ def test_phases_handler_freezes_groups_and_switches_loss_weights():
     from ignite.engine import Engine, Events
 
     with bundle_scripts(BUNDLE) as scripts:
-        net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        net = scripts.network.CxrDrrFusionNet(
+            backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8)
+        )
         opt = torch.optim.AdamW(scripts.network.param_groups(net, lr=1e-3, backbone_lr=1e-4))
         loss = scripts.losses.FusionSegLoss()
         phases = [
             {"name": "warmup", "start_epoch": 1, "trainable": ["attention"], "seg_scale": 0.0, "attention_weight": 1.0},
-            {"name": "joint", "start_epoch": 2, "trainable": ["attention", "fusion", "decoder"], "seg_scale": 1.0, "attention_weight": 0.5},
-            {"name": "finetune", "start_epoch": 4, "trainable": ["attention", "fusion", "decoder", "backbone.layer4"], "seg_scale": 1.0, "attention_weight": 0.1},
+            {
+                "name": "joint",
+                "start_epoch": 2,
+                "trainable": ["attention", "fusion", "decoder"],
+                "seg_scale": 1.0,
+                "attention_weight": 0.5,
+            },
+            {
+                "name": "finetune",
+                "start_epoch": 4,
+                "trainable": ["attention", "fusion", "decoder", "backbone.layer4"],
+                "seg_scale": 1.0,
+                "attention_weight": 0.1,
+            },
         ]
         handler = scripts.phases.TrainingPhases(net, opt, loss, phases)
         engine = Engine(lambda e, b: None)
@@ -356,9 +404,15 @@ def test_phases_handler_freezes_groups_and_switches_loss_weights():
         @engine.on(Events.EPOCH_COMPLETED)
         def record(e):
             lrs = {g["name"]: g["lr"] for g in opt.param_groups}
-            seen[e.state.epoch] = (lrs, loss.seg_scale, loss.attention_weight,
-                                   net.backbone.layer4[0].conv1.weight.requires_grad, net.decoder["head"].weight.requires_grad,
-                                   net.attention.stem[0].weight.requires_grad, net.backbone.layer1[0].conv1.weight.requires_grad)
+            seen[e.state.epoch] = (
+                lrs,
+                loss.seg_scale,
+                loss.attention_weight,
+                net.backbone.layer4[0].conv1.weight.requires_grad,
+                net.decoder["head"].weight.requires_grad,
+                net.attention.stem[0].weight.requires_grad,
+                net.backbone.layer1[0].conv1.weight.requires_grad,
+            )
 
         engine.run([0], max_epochs=4)
         lrs, seg, att, l4, dec, attn, l1 = seen[1]
@@ -379,14 +433,21 @@ def test_lr_schedule_decays_training_groups_across_phases():
     from ignite.engine import Engine, Events
 
     with bundle_scripts(BUNDLE) as scripts:
-        for schedule, expected in (("cosine", lambda t: 0.5 * (1 + math.cos(math.pi * t))), ("poly", lambda t: (1 - t) ** 0.9)):
-            net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        for schedule, expected in (
+            ("cosine", lambda t: 0.5 * (1 + math.cos(math.pi * t))),
+            ("poly", lambda t: (1 - t) ** 0.9),
+        ):
+            net = scripts.network.CxrDrrFusionNet(
+                backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8)
+            )
             opt = torch.optim.AdamW(scripts.network.param_groups(net, lr=1e-3, backbone_lr=1e-4))
             phases = [
                 {"name": "warmup", "start_epoch": 1, "trainable": ["attention"]},
                 {"name": "joint", "start_epoch": 2, "trainable": ["attention", "decoder", "backbone.layer4"]},
             ]
-            handler = scripts.phases.TrainingPhases(net, opt, scripts.losses.FusionSegLoss(), phases, lr_schedule=schedule)
+            handler = scripts.phases.TrainingPhases(
+                net, opt, scripts.losses.FusionSegLoss(), phases, lr_schedule=schedule
+            )
             engine = Engine(lambda e, b: {g["name"]: g["lr"] for g in opt.param_groups})
             handler.attach(engine)
             seen = []
@@ -416,8 +477,16 @@ def test_patch_sampling_crops_nodule_centred_patches_for_training(tmp_path):
     with bundle_scripts(BUNDLE):
         parser = ConfigParser()
         parser.read_config(str(BUNDLE / "configs" / "train.json"))
-        parser.update({"dataset_dir": str(drr_set), "image_size": SIZE, "num_workers": 0, "train_patch_size": 32,
-                       "train_patches_per_image": 3, "train_positive_fraction": 1.0})
+        parser.update(
+            {
+                "dataset_dir": str(drr_set),
+                "image_size": SIZE,
+                "num_workers": 0,
+                "train_patch_size": 32,
+                "train_patches_per_image": 3,
+                "train_positive_fraction": 1.0,
+            }
+        )
         set_determinism(seed=0)
         train_ds = parser.get_parsed_content("train#dataset")
         val_ds = parser.get_parsed_content("validate#dataset")
@@ -437,7 +506,9 @@ def test_frozen_groups_keep_their_batchnorm_statistics():
     """In training mode, BatchNorm layers of frozen groups keep their running statistics (pretrained
     stem/layer1 must not drift); trainable groups' statistics update, and unfreezing lets them update again."""
     with bundle_scripts(BUNDLE) as scripts:
-        net = scripts.network.CxrDrrFusionNet(backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8))
+        net = scripts.network.CxrDrrFusionNet(
+            backbone_width=8, attention_channels=(8, 8, 8, 8, 8), decoder_channels=(16, 16, 8, 8, 8, 8)
+        )
         opt = torch.optim.AdamW(scripts.network.param_groups(net, lr=1e-3, backbone_lr=1e-4))
         phases = [
             {"name": "joint", "start_epoch": 1, "trainable": ["attention", "fusion", "decoder", "backbone.layer4"]},
@@ -452,7 +523,9 @@ def test_frozen_groups_keep_their_batchnorm_statistics():
             before = frozen_bn.running_mean.clone(), trained_bn.running_mean.clone()
             with torch.no_grad():
                 net(x)
-            return not torch.equal(before[0], frozen_bn.running_mean), not torch.equal(before[1], trained_bn.running_mean)
+            return not torch.equal(before[0], frozen_bn.running_mean), not torch.equal(
+                before[1], trained_bn.running_mean
+            )
 
         handler.apply(handler.phase_for(1))
         assert step() == (False, True)
@@ -533,7 +606,9 @@ def test_radiograph_formats_and_bad_input_are_handled(tmp_path):
         check = io.CheckPaird(["xray", "drr"], label_key="label")
         with pytest.raises(io.InputError, match=r"narrow\.png.*aspect ratio.*gray8\.png"):
             check(load({"xray": str(tmp_path / "gray8.png"), "drr": str(tmp_path / "narrow.png")}))
-        ok = check(load({"xray": str(tmp_path / "gray8.png"), "drr": str(tmp_path / "double.png")}))  # same field, twice the pixels
+        ok = check(
+            load({"xray": str(tmp_path / "gray8.png"), "drr": str(tmp_path / "double.png")})
+        )  # same field, twice the pixels
         assert ok["drr"].shape == (1, 96, 128) and ok["xray"].shape == (1, 48, 64)
         mask = io.LoadRadiographd("label", binary=True)({"label": str(tmp_path / "gray8.png")})["label"]
         assert set(torch.unique(mask).tolist()) <= {0.0, 1.0}
@@ -859,8 +934,14 @@ def test_a_run_that_cannot_go_on_ends_with_one_line_and_exit_status_1(tmp_path, 
 
 TRAIN_EPOCHS = 8
 # a short schedule for the tests: one epoch of attention warm-up, joint from epoch 2, fine-tuning from 7
-SHORT = {**SMALL, "max_epochs": TRAIN_EPOCHS, "val_interval": 2, "learning_rate": 0.003,
-         "phases_scratch__1__start_epoch": 2, "phases_scratch__2__start_epoch": 7}
+SHORT = {
+    **SMALL,
+    "max_epochs": TRAIN_EPOCHS,
+    "val_interval": 2,
+    "learning_rate": 0.003,
+    "phases_scratch__1__start_epoch": 2,
+    "phases_scratch__2__start_epoch": 7,
+}
 
 
 def _untrained_checkpoint(path: Path) -> None:
@@ -884,15 +965,34 @@ def trained(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cxr_drr")
     train_set = make_drr_set(root / "train", 20, folds=[0, 1, 1, 1], seed=0, negatives=2)
     test_set = make_drr_set(root / "test", 8, folds=[0], seed=1, negatives=1)
-    out = {"root": root, "train_set": train_set, "test_set": test_set, "ckpt_dir": root / "ckpt", "output_dir": root / "train_out"}
-    out["train_proc"] = run_bundle(BUNDLE, ["configs/train.json"], env=ONE_THREAD, dataset_dir=str(train_set),
-                                   ckpt_dir=str(out["ckpt_dir"]), output_dir=str(out["output_dir"]), **SHORT)
+    out = {
+        "root": root,
+        "train_set": train_set,
+        "test_set": test_set,
+        "ckpt_dir": root / "ckpt",
+        "output_dir": root / "train_out",
+    }
+    out["train_proc"] = run_bundle(
+        BUNDLE,
+        ["configs/train.json"],
+        env=ONE_THREAD,
+        dataset_dir=str(train_set),
+        ckpt_dir=str(out["ckpt_dir"]),
+        output_dir=str(out["output_dir"]),
+        **SHORT,
+    )
     return out
 
 
 def _evaluate(ckpt_dir: Path, test_set: Path, output_dir: Path, in_process: bool = False) -> Path:
     """Run train.json + evaluate.json on fold 0 of ``test_set`` (as users do, or in this process to save a start-up)."""
-    overrides = {"dataset_dir": str(test_set), "ckpt_dir": str(ckpt_dir), "output_dir": str(output_dir), "val_fold": 0, **SMALL}
+    overrides = {
+        "dataset_dir": str(test_set),
+        "ckpt_dir": str(ckpt_dir),
+        "output_dir": str(output_dir),
+        "val_fold": 0,
+        **SMALL,
+    }
     if in_process:
         from monai.bundle import run
 
@@ -919,7 +1019,9 @@ def test_training_beats_untrained_start_on_heldout_pairs(trained, tmp_path):
     att_after = float(_group(after / "metrics.csv", "all")["attention_dice"])
     assert att_after > float(_group(before / "metrics.csv", "all")["attention_dice"])
     rows = _read_csv(after / "per_image.csv")
-    assert len(rows) == 8 and {"dice", "iou", "precision", "recall", "attention_dice", "max_diameter_mm"} <= set(rows[0])
+    assert len(rows) == 8 and {"dice", "iou", "precision", "recall", "attention_dice", "max_diameter_mm"} <= set(
+        rows[0]
+    )
     groups = {r["group"]: int(r["n"]) for r in _read_csv(after / "metrics.csv")}
     assert groups["no_nodule"] == 1 and groups[">=10mm"] + groups["<10mm"] == groups["all"] == 7
     assert groups[">=10mm_contrast<=1"] + groups[">=10mm_contrast>1"] == groups[">=10mm"]
@@ -953,7 +1055,9 @@ def test_drr_contrast_measures_how_far_the_nodule_stands_out_and_splits_the_summ
         writer.write()
         summary = {r["group"]: r for r in _read_csv(tmp_path / "metrics.csv")}
         assert int(summary[">=10mm_contrast>1"]["n"]) == 1 and float(summary[">=10mm_contrast>1"]["dice"]) == 0.8
-        assert int(summary[">=10mm_contrast<=1"]["n"]) == 2 and np.isclose(float(summary[">=10mm_contrast<=1"]["dice"]), 0.15)
+        assert int(summary[">=10mm_contrast<=1"]["n"]) == 2 and np.isclose(
+            float(summary[">=10mm_contrast<=1"]["dice"]), 0.15
+        )
         assert [r["drr_contrast"] for r in _read_csv(tmp_path / "per_image.csv")] == ["2.0", "0.3", "0.9", "3.0"]
 
 
@@ -970,8 +1074,16 @@ def test_inference_png_and_dicom_pair_writes_mask_and_attention(trained, tmp_pat
     big = ndimage.zoom(drr, 2, order=1)
     _write_dicom(tmp_path / "drr.dcm", 4095 - np.round(np.clip(big, 0, 1) * 4095), "MONOCHROME1")
     out = tmp_path / "pred"
-    run_bundle(BUNDLE, ["configs/inference.json"], env=ONE_THREAD, ckpt_dir=str(trained["ckpt_dir"]), output_dir=str(out),
-               input_path=str(tmp_path / "cxr.png"), drr_path=str(tmp_path / "drr.dcm"), image_size=SIZE)
+    run_bundle(
+        BUNDLE,
+        ["configs/inference.json"],
+        env=ONE_THREAD,
+        ckpt_dir=str(trained["ckpt_dir"]),
+        output_dir=str(out),
+        input_path=str(tmp_path / "cxr.png"),
+        drr_path=str(tmp_path / "drr.dcm"),
+        image_size=SIZE,
+    )
     mask_png = np.asarray(Image.open(out / "cxr_mask.png"))
     att_png = np.asarray(Image.open(out / "cxr_attention.png"))
     assert mask_png.shape == att_png.shape == xray.shape and set(np.unique(mask_png)) <= {0, 255}
@@ -990,13 +1102,23 @@ def test_verify_net_in_out_and_ckpt_export(trained, tmp_path):
     meta, cfg = str(BUNDLE / "configs" / "metadata.json"), str(BUNDLE / "configs" / "inference.json")
     ts = tmp_path / "model.ts"
     with bundle_scripts(BUNDLE):
-        verify_net_in_out(net_id="network_def", meta_file=meta, config_file=cfg, n=2, device="cpu")  # raises on a mismatch
-        ckpt_export(net_id="network_def", filepath=str(ts), ckpt_file=str(trained["ckpt_dir"] / "model.pt"), meta_file=meta, config_file=cfg)
+        verify_net_in_out(
+            net_id="network_def", meta_file=meta, config_file=cfg, n=2, device="cpu"
+        )  # raises on a mismatch
+        ckpt_export(
+            net_id="network_def",
+            filepath=str(ts),
+            ckpt_file=str(trained["ckpt_dir"] / "model.pt"),
+            meta_file=meta,
+            config_file=cfg,
+        )
     extra = {"metadata.json": ""}
     scripted = torch.jit.load(str(ts), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["network_data_format"]["outputs"]["pred"]["num_channels"] == 5
     with bundle_scripts(BUNDLE) as scripts:
-        net = scripts.network.CxrDrrFusionNet(backbone_width=16, attention_channels=(16, 32, 48, 64, 64), decoder_channels=(128, 64, 32, 16, 16, 16))
+        net = scripts.network.CxrDrrFusionNet(
+            backbone_width=16, attention_channels=(16, 32, 48, 64, 64), decoder_channels=(128, 64, 32, 16, 16, 16)
+        )
         net.load_state_dict(torch.load(trained["ckpt_dir"] / "model.pt", weights_only=True))
         x = torch.randn(1, 2, 64, 64)
         with torch.no_grad():
@@ -1036,13 +1158,22 @@ ALONE = textwrap.dedent(
 def test_bundle_folder_alone_loads_with_configparser_and_torchscript(trained, tmp_path):
     """The bundle folder copied alone loads in another process: preprocessing, the shipped model.pt, postprocessing, and model.ts with its metadata."""
     if not (BUNDLE / "models" / "model.pt").is_file() or not (BUNDLE / "models" / "model.ts").is_file():
-        pytest.fail("the shipped models/model.pt and models/model.ts are missing (see docs/README.md: how the shipped model is trained)")
+        pytest.fail(
+            "the shipped models/model.pt and models/model.ts are missing (see docs/README.md: how the shipped model is trained)"
+        )
     alone = tmp_path / NAME
     shutil.copytree(BUNDLE, alone, ignore=shutil.ignore_patterns("__pycache__", "eval", "pred"))
     item = json.loads((trained["test_set"] / "datalist.json").read_text())["training"][0]
     args = [str(trained["test_set"] / item["xray"]), str(trained["test_set"] / item["drr"]), str(tmp_path / "pred")]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", ALONE, *args], cwd=alone, capture_output=True, text=True, env={**env, **ONE_THREAD}, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", ALONE, *args],
+        cwd=alone,
+        capture_output=True,
+        text=True,
+        env={**env, **ONE_THREAD},
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
     assert Path(res["scripts"]).resolve().parent.parent == alone.resolve()  # its own scripts, not the repository's
@@ -1055,16 +1186,46 @@ def test_bundle_folder_alone_loads_with_configparser_and_torchscript(trained, tm
 def test_torchrun_two_processes_train_one_epoch_to_a_checkpoint(trained, tmp_path):
     """torchrun --nproc_per_node=2 with train.json + multi_gpu_train.json (gloo on CPU, DistributedSampler) trains one epoch to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""
-    configs = json.dumps([str(BUNDLE / "configs" / c) for c in ("train.json", "multi_gpu_train.json")] + [ddp_release_probe(BUNDLE, tmp_path)])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee=3", "-m", "monai.bundle", "run",
-           "--config_file", configs, "--dataset_dir", str(trained["train_set"]), "--ckpt_dir", str(tmp_path / "ckpt"),
-           "--output_dir", str(tmp_path / "out"), "--max_epochs", "1", "--val_interval", "1", "--image_size", str(SIZE),
-           "--num_workers", "0", "--batch_size", "2"]
+    configs = json.dumps(
+        [str(BUNDLE / "configs" / c) for c in ("train.json", "multi_gpu_train.json")]
+        + [ddp_release_probe(BUNDLE, tmp_path)]
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--tee=3",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        configs,
+        "--dataset_dir",
+        str(trained["train_set"]),
+        "--ckpt_dir",
+        str(tmp_path / "ckpt"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        "--image_size",
+        str(SIZE),
+        "--num_workers",
+        "0",
+        "--batch_size",
+        "2",
+    ]
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, **ONE_THREAD}
     proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
     sd = torch.load(tmp_path / "ckpt" / "model.pt", weights_only=True)
-    assert "backbone.conv1.weight" in sd and not any(k.startswith("module.") for k in sd)  # plain state dict, DDP unwrapped
+    assert "backbone.conv1.weight" in sd and not any(
+        k.startswith("module.") for k in sd
+    )  # plain state dict, DDP unwrapped
     assert_ddp_released_before_exit(proc.stdout)
 
 
@@ -1089,13 +1250,21 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
         parser.update({"dataset_dir": str(root), "image_size": SIZE, "num_workers": 0, "drr_slab_keys": slab_keys,
                        "backbone_width": 8, "attention_channels": [8, 8, 8, 8, 8], "decoder_channels": [16, 16, 8, 8, 8, 8],
                        "train_patch_size": 32, "train_patches_per_image": 2})  # fmt: skip
-        val = parser.get_parsed_content("validate#preprocessing")(scripts.io.read_datalist(root / "datalist.json", folds=0)[0])
+        val = parser.get_parsed_content("validate#preprocessing")(
+            scripts.io.read_datalist(root / "datalist.json", folds=0)[0]
+        )
         assert val["image"].shape == (4, SIZE, SIZE)
         assert torch.allclose(val["image"][2], val["image"][1], atol=1e-5)  # each slab scaled to drr_range like the DRR
-        assert torch.allclose(val["image"][3], val["image"][1].flip(-1), atol=1e-5)  # the second slab's own file, in order
+        assert torch.allclose(
+            val["image"][3], val["image"][1].flip(-1), atol=1e-5
+        )  # the second slab's own file, in order
         assert not torch.allclose(val["image"][3], val["image"][1], atol=1e-3)
-        patches = parser.get_parsed_content("train#preprocessing")(scripts.io.read_datalist(root / "datalist.json", folds=1)[0])
-        assert len(patches) == 2 and all(p["image"].shape == (4, 32, 32) and p["label"].shape == (1, 32, 32) for p in patches)
+        patches = parser.get_parsed_content("train#preprocessing")(
+            scripts.io.read_datalist(root / "datalist.json", folds=1)[0]
+        )
+        assert len(patches) == 2 and all(
+            p["image"].shape == (4, 32, 32) and p["label"].shape == (1, 32, 32) for p in patches
+        )
         net = parser.get_parsed_content("network_def")
         assert net.attention.stem[0].weight.shape[1] == 3  # DRR + 2 slabs
         # a two-channel checkpoint widens into the slab network (and into one with DRR skips)
@@ -1127,7 +1296,11 @@ def test_drr_slabs_enter_as_extra_channels_and_widen_a_two_channel_checkpoint(tm
         with pytest.raises(Exception) as err:  # training/evaluation on a set without slabs (MONAI wraps the error)
             parser.get_parsed_content("validate#preprocessing")(entry)
         chain = [err.value, err.value.__cause__, err.value.__context__]
-        assert any(isinstance(e, scripts.io.InputError) and "case000_p0.nii.gz: no drr_slab0, drr_slab1 in its datalist entry" in str(e) for e in chain)
+        assert any(
+            isinstance(e, scripts.io.InputError)
+            and "case000_p0.nii.gz: no drr_slab0, drr_slab1 in its datalist entry" in str(e)
+            for e in chain
+        )
         with pytest.raises(scripts.io.InputError, match="bare/datalist.json.*no drr_slab0, drr_slab1.*--drr-slabs"):
             scripts.io.pair_inputs(None, None, str(bare / "datalist.json"), None, None, slab_keys)
         x, d, s0, s1 = (str(tmp_path / n) for n in ("x.png", "d.png", "s0.png", "s1.png"))

@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -88,7 +87,15 @@ def server(tmp_path_factory, lidc_demo_prepared):
                 proc.kill()
                 pytest.fail("MONAI Label did not start:\n" + (root / "server.log").read_text()[-6000:])
             time.sleep(2)
-    yield {"url": url, "info": info, "app": app, "studies": studies, "root": root, "datalist": datalist, "prepared": lidc_demo_prepared}
+    yield {
+        "url": url,
+        "info": info,
+        "app": app,
+        "studies": studies,
+        "root": root,
+        "datalist": datalist,
+        "prepared": lidc_demo_prepared,
+    }
     proc.terminate()
     try:
         proc.wait(timeout=30)
@@ -119,7 +126,9 @@ def test_infer_over_http_equals_the_bundles_own_inference(server, name, tmp_path
     served_file.write_bytes(answer)
     served = sitk.ReadImage(str(served_file))
     own_dir = tmp_path / "own"
-    run_bundle(name, ["configs/inference.json"], input_path=str(server["prepared"] / item["image"]), output_dir=str(own_dir))
+    run_bundle(
+        name, ["configs/inference.json"], input_path=str(server["prepared"] / item["image"]), output_dir=str(own_dir)
+    )
     own_files = sorted(own_dir.rglob("*.nii.gz"))
     assert own_files, f"the bundle's inference wrote nothing under {own_dir}"
     own = sitk.ReadImage(str(own_files[0]))
@@ -129,7 +138,9 @@ def test_infer_over_http_equals_the_bundles_own_inference(server, name, tmp_path
     a, b = sitk.GetArrayFromImage(served) > 0, sitk.GetArrayFromImage(own) > 0
     assert b.any(), f"{name}: the bundle's own inference found nothing in the demo CT"
     disagreement = np.logical_xor(a, b).sum() / max(1, np.logical_or(a, b).sum())
-    assert disagreement < 1e-3, f"{name}: MONAI Label's answer differs from the bundle's in {disagreement:.2%} of the union"
+    assert disagreement < 1e-3, (
+        f"{name}: MONAI Label's answer differs from the bundle's in {disagreement:.2%} of the union"
+    )
 
 
 def test_one_epoch_training_through_train_endpoint(server):

@@ -78,25 +78,43 @@ def test_bundle_files_and_metadata_follow_the_zoo(bundle_copy):
     assert len(readme) <= MAX_README_LINES, f"{bundle_copy.name}: docs/README.md has {len(readme)} lines"
     assert "LIDC-IDRI" in (bundle_copy / "docs" / "data_license.txt").read_text()
     meta = json.loads((bundle_copy / "configs" / "metadata.json").read_text())
-    for key in ("version", "changelog", "monai_version", "pytorch_version", "name", "task", "description", "authors", "copyright", "license"):
+    for key in (
+        "version",
+        "changelog",
+        "monai_version",
+        "pytorch_version",
+        "name",
+        "task",
+        "description",
+        "authors",
+        "copyright",
+        "license",
+    ):
         assert key in meta, f"{bundle_copy.name}: metadata.json has no {key!r}"
     assert meta["version"] in meta["changelog"]
     for version, entry in meta["changelog"].items():
-        assert "\n" not in entry and len(entry) <= MAX_CHANGELOG_CHARS, f"{bundle_copy.name} {version}: changelog entry of {len(entry)} characters"
+        assert "\n" not in entry and len(entry) <= MAX_CHANGELOG_CHARS, (
+            f"{bundle_copy.name} {version}: changelog entry of {len(entry)} characters"
+        )
     for side in ("inputs", "outputs"):
         for key, spec in meta["network_data_format"][side].items():
             assert spec.get("channel_def"), f"{bundle_copy.name}: {side}.{key} has no channel_def"
-    assert not any(p.suffix in {".txt", ".md"} and p.name not in {"README.md", "data_license.txt"} for p in (bundle_copy / "docs").iterdir()), (
-        f"{bundle_copy.name}: docs/ holds more than the README and the data licence (histories live outside the bundle)"
-    )
+    assert not any(
+        p.suffix in {".txt", ".md"} and p.name not in {"README.md", "data_license.txt"}
+        for p in (bundle_copy / "docs").iterdir()
+    ), f"{bundle_copy.name}: docs/ holds more than the README and the data licence (histories live outside the bundle)"
 
 
 @pytest.mark.slow
 def test_zoo_verify_net_in_out_ckpt_export_and_properties(bundle_copy):
     """verify_net_in_out with MONAI's defaults, ckpt_export and model.ts load, and no required train/inference property is missing."""
     env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", CHECKS], cwd=bundle_copy, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{bundle_copy.name}: the Zoo's checks fail:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    proc = subprocess.run(
+        [sys.executable, "-c", CHECKS], cwd=bundle_copy, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, (
+        f"{bundle_copy.name}: the Zoo's checks fail:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    )
     line = next(x for x in proc.stdout.splitlines() if x.startswith("MISSING="))
     missing = json.loads(line.removeprefix("MISSING="))
     assert missing == {"train": [], "infer": []}, f"{bundle_copy.name}: missing bundle properties {missing}"

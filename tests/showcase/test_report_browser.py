@@ -65,7 +65,12 @@ def test_report_images_load_and_tables_hold_numbers(report, tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
              "--disable-sync", "--no-first-run", "--disable-quic", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
     url = report.resolve().as_uri()
-    dom = subprocess.run([chromium, *flags, "--virtual-time-budget=10000", "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    dom = subprocess.run(
+        [chromium, *flags, "--virtual-time-budget=10000", "--dump-dom", url],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
     loaded = re.search(r'data-images-loaded="(\d+)"', dom)
     total = re.search(r'data-images-total="(\d+)"', dom)
     assert loaded and total, "the page's load script did not run in Chromium"
@@ -78,5 +83,7 @@ def test_report_images_load_and_tables_hold_numbers(report, tmp_path):
         numbers = [c for c in cells if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", c.strip())]
         assert numbers, f"a table without numbers: {cells[:8]}"
     shot = tmp_path / "report.png"
-    subprocess.run([chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=180)
+    subprocess.run(
+        [chromium, *flags, "--window-size=1200,2400", f"--screenshot={shot}", url], capture_output=True, timeout=180
+    )
     assert shot.exists() and shot.stat().st_size > 10_000

@@ -28,7 +28,9 @@ def _count_nodules_from_labels(items: list[dict]) -> int:
     return sum(int(np.asarray(nib.load(it["label"]).dataobj).max() > 0) for it in items)
 
 
-def load_split(datalist: str | Path, dataset_dir: str | Path, val_fold: int, split: str, require_nodules: bool | None = None) -> list[dict]:
+def load_split(
+    datalist: str | Path, dataset_dir: str | Path, val_fold: int, split: str, require_nodules: bool | None = None
+) -> list[dict]:
     """Items of ``datalist.json`` ``training`` for one side of the patient-level fold split.
 
     Args:
@@ -49,7 +51,9 @@ def load_split(datalist: str | Path, dataset_dir: str | Path, val_fold: int, spl
     """
     path = Path(datalist)
     if not path.is_file():
-        raise FileNotFoundError(f"datalist {path} not found; set --dataset_dir to a `python -m data_prep luna16` output folder")
+        raise FileNotFoundError(
+            f"datalist {path} not found; set --dataset_dir to a `python -m data_prep luna16` output folder"
+        )
     if split not in ("train", "val", "all"):
         raise ValueError(f"split must be 'train', 'val' or 'all', got {split!r}")
     with open(path) as f:
@@ -71,7 +75,9 @@ def load_split(datalist: str | Path, dataset_dir: str | Path, val_fold: int, spl
     for item in items:
         for key in ("image", "label"):
             if key in item and not Path(item[key]).is_file():
-                raise FileNotFoundError(f"{path}: {key} file {item[key]} listed for case {item.get('case_id', '?')} does not exist")
+                raise FileNotFoundError(
+                    f"{path}: {key} file {item[key]} listed for case {item.get('case_id', '?')} does not exist"
+                )
     if require_nodules is None:
         require_nodules = split == "train"
     if require_nodules:

@@ -80,7 +80,12 @@ def match_case(nodules: list[dict], cands: list[dict], spacing: Sequence[float])
             nod["score"] = cand["score"] if nod["score"] is None else max(nod["score"], cand["score"])
 
 
-def froc(nodule_scores: Sequence[float | None], fp_scores: Sequence[float], n_scans: int, fp_rates: Sequence[float] = FP_RATES) -> dict:
+def froc(
+    nodule_scores: Sequence[float | None],
+    fp_scores: Sequence[float],
+    n_scans: int,
+    fp_rates: Sequence[float] = FP_RATES,
+) -> dict:
     """Sensitivity at each false-positive rate and their mean (CPM).
 
     Args:

@@ -65,7 +65,14 @@ class NoduleEvaluationHandler:
         prefix: file-name prefix. Default "".
     """
 
-    def __init__(self, output_dir: str, candidate_threshold: float = 0.2, min_volume_mm3: float = 5.0, large_mm: float = 5.0, prefix: str = "") -> None:
+    def __init__(
+        self,
+        output_dir: str,
+        candidate_threshold: float = 0.2,
+        min_volume_mm3: float = 5.0,
+        large_mm: float = 5.0,
+        prefix: str = "",
+    ) -> None:
         self.output_dir = Path(output_dir)
         self.candidate_threshold = float(candidate_threshold)
         self.min_volume_mm3 = float(min_volume_mm3)
@@ -124,7 +131,12 @@ class NoduleEvaluationHandler:
         """The ``metrics.csv`` row of the scans added so far."""
         dices = [r["dice"] for r in self.nodule_rows]
         large = [r["dice"] for r in self.nodule_rows if r["diameter_mm"] >= self.large_mm]
-        det = froc([r["score"] for r in self.nodule_rows], [c["score"] for c in self.candidate_rows if c["hit_label"] == 0], self.n_scans, FP_RATES)
+        det = froc(
+            [r["score"] for r in self.nodule_rows],
+            [c["score"] for c in self.candidate_rows if c["hit_label"] == 0],
+            self.n_scans,
+            FP_RATES,
+        )
         nan = float("nan")
         return {
             "scans": self.n_scans, "nodules": len(dices), f"nodules_ge_{self.large_mm:g}mm": len(large),
@@ -141,7 +153,10 @@ class NoduleEvaluationHandler:
         _write_csv(self.output_dir / f"{self.prefix}nodule_metrics.csv", self.nodule_rows)
         _write_csv(self.output_dir / f"{self.prefix}candidates.csv", self.candidate_rows)
         engine.state.metrics.update({k: v for k, v in row.items() if isinstance(v, float)})
-        logger.info("nodule evaluation: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        logger.info(
+            "nodule evaluation: "
+            + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        )
 
 
 class TableError(SystemExit):

@@ -80,7 +80,9 @@ class NoduleSlidingWindowInferer(SlidingWindowInferer):
             fitted.append(r)
         self.roi_size = fitted
 
-    def __call__(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
         """Logits ``(B, C, H, W, D)`` for ``inputs`` ``(B, C_in, H, W, D)``."""
         out = None
         shape = tuple(inputs.shape[2:])
@@ -95,7 +97,9 @@ class NoduleSlidingWindowInferer(SlidingWindowInferer):
             out = logits if out is None else torch.maximum(out, logits)
         return out
 
-    def _one_scale(self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, tight: bool = False, **kwargs: Any) -> torch.Tensor:
+    def _one_scale(
+        self, inputs: torch.Tensor, network: Callable[..., torch.Tensor], *args: Any, tight: bool = False, **kwargs: Any
+    ) -> torch.Tensor:
         self._fit_roi(inputs.shape[2:], tight)
         out = super().__call__(inputs, network, *args, **kwargs)
         if not self.flip_tta:

@@ -66,7 +66,9 @@ class DeepSupervisionAttentionUnet(AttentionUnet):
             strides=strides, kernel_size=kernel_size, up_kernel_size=up_kernel_size, dropout=dropout,
         )  # fmt: skip
         if not 0 <= deep_supr_num <= len(channels) - 2:
-            raise ValueError(f"deep_supr_num must be in [0, {len(channels) - 2}] for {len(channels)} levels, got {deep_supr_num}")
+            raise ValueError(
+                f"deep_supr_num must be in [0, {len(channels) - 2}] for {len(channels)} levels, got {deep_supr_num}"
+            )
         self.deep_supervision = deep_supervision
         self.deep_supr_num = deep_supr_num
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
@@ -129,7 +131,9 @@ def load_initial_weights(network: nn.Module, path: str | None) -> nn.Module:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure gets the file's name
-        raise ValueError(f"init_checkpoint {path}: not a weights-only PyTorch state dict ({type(exc).__name__}: {exc})") from None
+        raise ValueError(
+            f"init_checkpoint {path}: not a weights-only PyTorch state dict ({type(exc).__name__}: {exc})"
+        ) from None
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     target = getattr(network, "module", network)

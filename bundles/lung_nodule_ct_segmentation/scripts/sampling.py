@@ -27,7 +27,14 @@ from scipy import ndimage
 
 from .transforms import source_name, to_numpy, voxel_spacing
 
-__all__ = ["HardNegativeIndicesd", "attached_scan_sampler", "require_unweighted_scans", "negative_indices", "positive_indices", "shell_means"]
+__all__ = [
+    "HardNegativeIndicesd",
+    "attached_scan_sampler",
+    "require_unweighted_scans",
+    "negative_indices",
+    "positive_indices",
+    "shell_means",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -226,11 +233,19 @@ class HardNegativeIndicesd(MapTransform):
                 self.attached_threshold, self.attached_weight, self.shell_mm, rng,
             )  # fmt: skip
             if n_att > 0:
-                logger.info("%s: %d nodule(s) touch soft tissue, weighted x%g", source_name(d, self.image_key), n_att, self.attached_weight)
+                logger.info(
+                    "%s: %d nodule(s) touch soft tissue, weighted x%g",
+                    source_name(d, self.image_key),
+                    n_att,
+                    self.attached_weight,
+                )
             dense = (image > self.image_threshold) & ~label
             lung = self._lung(d, image.shape)
             if lung is None:
-                logger.info("%s: no lung mask (or an empty one); negative patches from all dense voxels", source_name(d, self.image_key))
+                logger.info(
+                    "%s: no lung mask (or an empty one); negative patches from all dense voxels",
+                    source_name(d, self.image_key),
+                )
             bg, _, _ = negative_indices(dense, lung, self.lung_fraction, self.max_indices, rng)
             d[f"{key}_fg_indices"] = fg
             d[f"{key}_n_attached"] = n_att
@@ -258,14 +273,20 @@ def attached_scan_sampler(dataset, weight: float, key: str = "label_n_attached")
         raise ValueError(f"attached_scan_weight must be >= 1, got {weight}")
     cache = getattr(dataset, "_cache", None)
     if cache is None or len(cache) != len(dataset) or any(item is None for item in cache):
-        raise ValueError("attached_scan_weight > 1 needs the whole training set cached (cache_rate 1.0, a CacheDataset)")
+        raise ValueError(
+            "attached_scan_weight > 1 needs the whole training set cached (cache_rate 1.0, a CacheDataset)"
+        )
     counts = []
     for item in cache:
         if key not in item:
-            raise ValueError(f"attached_scan_weight > 1: the cached items have no {key!r} (HardNegativeIndicesd writes it)")
+            raise ValueError(
+                f"attached_scan_weight > 1: the cached items have no {key!r} (HardNegativeIndicesd writes it)"
+            )
         counts.append(int(item[key]))
     n = sum(c > 0 for c in counts)
-    logger.info("attached_scan_weight %g: %d of %d training scans hold a nodule touching soft tissue", weight, n, len(counts))
+    logger.info(
+        "attached_scan_weight %g: %d of %d training scans hold a nodule touching soft tissue", weight, n, len(counts)
+    )
     weights = torch.tensor([weight if c > 0 else 1.0 for c in counts], dtype=torch.double)
     return WeightedRandomSampler(weights, num_samples=len(counts), replacement=True)
 

@@ -30,14 +30,31 @@ from monai.transforms import MapTransform, SpatialPad
 from scipy import ndimage
 
 __all__ = [
-    "NODULE_COLUMNS", "CheckBodyd", "CheckSpacingd", "CheckSized", "InForegroundBoxd", "NonFiniteToAird",
-    "NoduleTabled", "source_name", "voxel_spacing", "voxel_to_world_lps",
+    "NODULE_COLUMNS",
+    "CheckBodyd",
+    "CheckSpacingd",
+    "CheckSized",
+    "InForegroundBoxd",
+    "NonFiniteToAird",
+    "NoduleTabled",
+    "source_name",
+    "voxel_spacing",
+    "voxel_to_world_lps",
 ]
 
 # the columns of a NoduleTabled row, in order (nodules.csv adds case_id in front)
 NODULE_COLUMNS = (
-    "nodule", "centre_x_mm", "centre_y_mm", "centre_z_mm", "voxel_i", "voxel_j", "voxel_k", "volume_mm3",
-    "equivalent_diameter_mm", "mean_probability", "max_probability",
+    "nodule",
+    "centre_x_mm",
+    "centre_y_mm",
+    "centre_z_mm",
+    "voxel_i",
+    "voxel_j",
+    "voxel_k",
+    "volume_mm3",
+    "equivalent_diameter_mm",
+    "mean_probability",
+    "max_probability",
 )
 NON_FINITE_KEY = "non_finite_voxels"  # image metadata: voxels NonFiniteToAird set to air
 
@@ -282,7 +299,8 @@ class InForegroundBoxd(MapTransform):
             if len(where) == 0:
                 continue  # nothing to remove or fill
             box = (slice(None),) + tuple(
-                slice(max(int(lo) - 1, 0), min(int(hi) + 2, size)) for lo, hi, size in zip(where.min(0).values, where.max(0).values, mask.shape[1:])
+                slice(max(int(lo) - 1, 0), min(int(hi) + 2, size))
+                for lo, hi, size in zip(where.min(0).values, where.max(0).values, mask.shape[1:])
             )
             sub = {key: mask[box]}
             for t in self.transforms:
@@ -306,7 +324,9 @@ class NoduleTabled(MapTransform):
     ``mean_probability``, ``max_probability``.
     """
 
-    def __init__(self, keys: KeysCollection, prob_key: str = "prob", table_key: str = "nodules", allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self, keys: KeysCollection, prob_key: str = "prob", table_key: str = "nodules", allow_missing_keys: bool = False
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.prob_key = prob_key
         self.table_key = table_key

@@ -136,8 +136,12 @@ class PerImageMetrics:
         for b, o in zip(batch, output):
             pred = torch.as_tensor(o["pred"]).detach().cpu().numpy()[0]
             label = torch.as_tensor(o.get("label", b.get("label"))).detach().cpu().numpy()[0]
-            row = {"attention_dice_thresholded": float("nan"), "xray": str(b.get("xray_path", "")), "case_id": str(b.get("case_id", "")),
-                   "max_diameter_mm": float(torch.as_tensor(b.get("max_diameter_mm", 0.0)))}
+            row = {
+                "attention_dice_thresholded": float("nan"),
+                "xray": str(b.get("xray_path", "")),
+                "case_id": str(b.get("case_id", "")),
+                "max_diameter_mm": float(torch.as_tensor(b.get("max_diameter_mm", 0.0))),
+            }
             row.update(binary_scores(pred, label))
             image = b.get("image")
             row["drr_contrast"] = float("nan")
@@ -168,14 +172,29 @@ class PerImageMetrics:
     def write(self, engine: Engine | None = None) -> None:
         """Write both CSV files and keep the summary in ``self.summary`` (and ``engine.state.metrics``)."""
         os.makedirs(self.output_dir, exist_ok=True)
-        cols = ["xray", "case_id", "max_diameter_mm", "dice", "iou", "precision", "recall", "attention_dice", "attention_dice_thresholded", "fp_pixels", "label_pixels", "drr_contrast"]
+        cols = [
+            "xray",
+            "case_id",
+            "max_diameter_mm",
+            "dice",
+            "iou",
+            "precision",
+            "recall",
+            "attention_dice",
+            "attention_dice_thresholded",
+            "fp_pixels",
+            "label_pixels",
+            "drr_contrast",
+        ]
         with open(os.path.join(self.output_dir, self.per_image_filename), "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             for r in self.rows:
                 w.writerow({k: r.get(k) for k in cols})
         keys = ["dice", "iou", "precision", "recall", "attention_dice", "attention_dice_thresholded", "fp_pixels"]
-        self.summary = {g: {"n": len(rs), **{k: _mean([r[k] for r in rs]) for k in keys}} for g, rs in self.groups().items()}
+        self.summary = {
+            g: {"n": len(rs), **{k: _mean([r[k] for r in rs]) for k in keys}} for g, rs in self.groups().items()
+        }
         with open(os.path.join(self.output_dir, self.summary_filename), "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["group", "n", *keys])

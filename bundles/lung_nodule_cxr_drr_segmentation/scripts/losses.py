@@ -62,7 +62,10 @@ class FusionSegLoss(nn.Module):
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss of ``pred`` (B, 1 + S, H, W) logits (channel 0 mask, 1.. attention) against ``target`` (B, 1, H, W) in {0, 1}."""
-        pred, target = pred.float(), target.float()  # under AMP the logits arrive in float16: sums and powers in float32
+        pred, target = (
+            pred.float(),
+            target.float(),
+        )  # under AMP the logits arrive in float16: sums and powers in float32
         seg = pred[:, 0:1]
         zero = pred.new_zeros(())
         total = zero
@@ -77,7 +80,9 @@ class FusionSegLoss(nn.Module):
             bce = F.binary_cross_entropy_with_logits(seg, target, pos_weight=seg.new_tensor(self.pos_weight))
             seg_loss = self.tversky_weight * tversky + self.focal_tversky_weight * focal + self.bce_weight * bce
             total = total + self.seg_scale * seg_loss
-            self.last.update(tversky=float(tversky.detach()), focal_tversky=float(focal.detach()), bce=float(bce.detach()))
+            self.last.update(
+                tversky=float(tversky.detach()), focal_tversky=float(focal.detach()), bce=float(bce.detach())
+            )
         if self.attention_weight > 0 and pred.shape[1] > 1:
             att = pred[:, 1:]
             att_loss = F.binary_cross_entropy_with_logits(

@@ -68,7 +68,9 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = _conv_bn_relu(in_channels, out_channels, stride)
-        self.conv2 = nn.Sequential(nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
+        self.conv2 = nn.Sequential(
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels)
+        )
         if stride != 1 or in_channels != out_channels:
             self.shortcut: nn.Module = nn.Sequential(
                 nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False), nn.BatchNorm2d(out_channels)
@@ -92,12 +94,16 @@ class MultiScaleAttention(nn.Module):
         blocks_per_scale: residual blocks per scale (the first one strided). Default 2.
     """
 
-    def __init__(self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 48, 64, 64), blocks_per_scale: int = 2) -> None:
+    def __init__(
+        self, in_channels: int = 1, channels: Sequence[int] = (16, 32, 48, 64, 64), blocks_per_scale: int = 2
+    ) -> None:
         super().__init__()
         self.stem = _conv_bn_relu(in_channels, channels[0], stride=2)
         stages = []
         for c_in, c_out in zip(channels[:-1], channels[1:]):
-            blocks = [ResidualBlock(c_in, c_out, stride=2)] + [ResidualBlock(c_out, c_out) for _ in range(blocks_per_scale - 1)]
+            blocks = [ResidualBlock(c_in, c_out, stride=2)] + [
+                ResidualBlock(c_out, c_out) for _ in range(blocks_per_scale - 1)
+            ]
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
         # top-down: the coarser scale's features, projected and upsampled, refine the finer one
@@ -143,7 +149,9 @@ class UpBlock(nn.Module):
     def __init__(self, in_channels: int, skip_channels: int, out_channels: int) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.conv = nn.Sequential(_conv_bn_relu(out_channels + skip_channels, out_channels), _conv_bn_relu(out_channels, out_channels))
+        self.conv = nn.Sequential(
+            _conv_bn_relu(out_channels + skip_channels, out_channels), _conv_bn_relu(out_channels, out_channels)
+        )
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor | None = None) -> torch.Tensor:
         """(B, in, h, w) [+ skip (B, skip, 2h, 2w)] -> (B, out, 2h, 2w)."""
@@ -193,13 +201,22 @@ class CxrDrrFusionNet(nn.Module):
     ) -> None:
         super().__init__()
         if in_channels < 2:
-            raise ValueError(f"CxrDrrFusionNet takes at least 2 input channels (X-ray, DRR[, DRR slabs]), got in_channels={in_channels}.")
+            raise ValueError(
+                f"CxrDrrFusionNet takes at least 2 input channels (X-ray, DRR[, DRR slabs]), got in_channels={in_channels}."
+            )
         if len(attention_channels) != 5 or len(decoder_channels) != 6:
             raise ValueError("attention_channels needs 5 entries (1/2..1/32), decoder_channels 6 (1/32..1/1).")
         w = int(backbone_width)
         self.backbone = ResNet(
-            "bottleneck", [3, 4, 6, 3], [w, 2 * w, 4 * w, 8 * w], spatial_dims=2, n_input_channels=1,
-            conv1_t_size=7, conv1_t_stride=2, bias_downsample=False, feed_forward=False,
+            "bottleneck",
+            [3, 4, 6, 3],
+            [w, 2 * w, 4 * w, 8 * w],
+            spatial_dims=2,
+            n_input_channels=1,
+            conv1_t_size=7,
+            conv1_t_stride=2,
+            bias_downsample=False,
+            feed_forward=False,
         )
         feat_channels = [4 * w, 8 * w, 16 * w, 32 * w]  # layer1..layer4 at 1/4..1/32
         # frozen pathology prior: torchxrayvision's 'Nodule' row of the classifier as a 1x1 convolution on layer4
@@ -217,7 +234,9 @@ class CxrDrrFusionNet(nn.Module):
         self.decoder = nn.ModuleDict(
             {
                 "bottleneck": nn.Sequential(
-                    nn.Conv2d(feat_channels[3] + 1 + a[4], d[0], 1, bias=False), nn.BatchNorm2d(d[0]), nn.ReLU(inplace=True)
+                    nn.Conv2d(feat_channels[3] + 1 + a[4], d[0], 1, bias=False),
+                    nn.BatchNorm2d(d[0]),
+                    nn.ReLU(inplace=True),
                 ),
                 "up16": UpBlock(d[0], feat_channels[2] + a[3], d[1]),
                 "up8": UpBlock(d[1], feat_channels[1] + a[2], d[2]),
@@ -270,7 +289,9 @@ class CxrDrrFusionNet(nn.Module):
         return torch.cat(outs, dim=1)
 
 
-def map_torchvision_resnet_keys(state_dict: Mapping[str, torch.Tensor], pathology_index: int = 11) -> dict[str, torch.Tensor]:
+def map_torchvision_resnet_keys(
+    state_dict: Mapping[str, torch.Tensor], pathology_index: int = 11
+) -> dict[str, torch.Tensor]:
     """Map a torchvision-named ResNet-50 state dict (torchxrayvision's weights file) onto ``CxrDrrFusionNet``.
 
     ``conv1``, ``bn1``, ``layerN.*`` (with ``downsample.0/1``) keep their names under ``backbone.``;
@@ -291,10 +312,12 @@ def map_torchvision_resnet_keys(state_dict: Mapping[str, torch.Tensor], patholog
         k = key
         for prefix in ("module.", "model."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         if k == "fc.weight":
             if value.shape[0] <= pathology_index:
-                raise ValueError(f"fc.weight has {value.shape[0]} rows; no row {pathology_index} for the pathology prior.")
+                raise ValueError(
+                    f"fc.weight has {value.shape[0]} rows; no row {pathology_index} for the pathology prior."
+                )
             out["prior.weight"] = value[pathology_index].reshape(1, -1, 1, 1).clone()
         elif k == "fc.bias":
             out["prior.bias"] = value[pathology_index : pathology_index + 1].clone()
@@ -429,7 +452,9 @@ def load_init_checkpoint(net: nn.Module, path: str | None, exclude: Sequence[str
     """
     if not path:
         return net
-    exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude or ())  # --init_exclude attention. is one prefix
+    exclude = (
+        (exclude,) if isinstance(exclude, str) else tuple(exclude or ())
+    )  # --init_exclude attention. is one prefix
     target = getattr(net, "module", net)
     own = target.state_dict()
     for prefix in exclude:
@@ -442,7 +467,10 @@ def load_init_checkpoint(net: nn.Module, path: str | None, exclude: Sequence[str
     sd = read_state_dict(path, name)
     sd = widen_inputs(sd, own)
     if exclude:  # the excluded weights come from the network itself, whether the checkpoint has them or not
-        sd = {**{k: v for k, v in sd.items() if not k.startswith(exclude)}, **{k: v for k, v in own.items() if k.startswith(exclude)}}
+        sd = {
+            **{k: v for k, v in sd.items() if not k.startswith(exclude)},
+            **{k: v for k, v in own.items() if k.startswith(exclude)},
+        }
     check_fits(sd, target, name)
     target.load_state_dict(sd)
     return net

@@ -65,7 +65,11 @@ class TrainingPhases:
     """
 
     def __init__(
-        self, network: torch.nn.Module, optimizer: torch.optim.Optimizer, loss: torch.nn.Module, phases: Sequence[Mapping],
+        self,
+        network: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: torch.nn.Module,
+        phases: Sequence[Mapping],
         lr_schedule: str = "constant",
     ) -> None:
         lr_factor(lr_schedule, 0.0)  # refuses an unknown schedule before training starts

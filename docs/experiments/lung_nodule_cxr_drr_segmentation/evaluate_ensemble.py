@@ -34,7 +34,9 @@ SLABS = ["drr_slab0", "drr_slab1", "drr_slab2"]
 class ProbabilityEnsemble(nn.Module):
     """Mean or maximum of the members' sigmoid outputs, returned as logits."""
 
-    def __init__(self, members: list[nn.Module], in_channels: list[int], combine: str, flip_dims: tuple[int, ...] = ()) -> None:
+    def __init__(
+        self, members: list[nn.Module], in_channels: list[int], combine: str, flip_dims: tuple[int, ...] = ()
+    ) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         self.in_channels = in_channels
@@ -62,13 +64,17 @@ def parse_member(text: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset-dir", required=True, help="DRR set (data_prep drr; with --drr-slabs 3 for slab members)")
+    parser.add_argument(
+        "--dataset-dir", required=True, help="DRR set (data_prep drr; with --drr-slabs 3 for slab members)"
+    )
     parser.add_argument("--fold", required=True, help="validation fold, or 'all' for every pair")
     parser.add_argument("--out", required=True)
     parser.add_argument("--combine", choices=["mean", "max"], default="max")
     parser.add_argument("--member", action="append", required=True, help="CHECKPOINT:IN_CHANNELS (repeat)")
     parser.add_argument("--flip", choices=["none", "lr", "ud"], default="none", help="test-time flip (see above)")
-    parser.add_argument("--threshold", type=float, default=None, help="mask threshold (default: the config's mask_threshold)")
+    parser.add_argument(
+        "--threshold", type=float, default=None, help="mask threshold (default: the config's mask_threshold)"
+    )
     parser.add_argument("--image-size", type=int, default=256)
     args = parser.parse_args(argv)
     members = [parse_member(m) for m in args.member]
@@ -85,20 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     nets = []
     for path, channels in members:
         net = scripts.network.CxrDrrFusionNet(
-            in_channels=channels, backbone_width=config["backbone_width"], attention_channels=config["attention_channels"],
+            in_channels=channels,
+            backbone_width=config["backbone_width"],
+            attention_channels=config["attention_channels"],
             decoder_channels=config["decoder_channels"],
         )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
             net.load_state_dict(state.get("model", state))
         except Exception as e:  # noqa: BLE001 - any unreadable or unfitting file is reported by name
-            raise SystemExit(f"{path}: not a weights-only checkpoint of a {channels}-channel network ({type(e).__name__}: {' '.join(str(e).split())[:300]})") from None
+            raise SystemExit(
+                f"{path}: not a weights-only checkpoint of a {channels}-channel network ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+            ) from None
         nets.append(net.eval())
     flip_dims = {"none": (), "lr": (-1,), "ud": (-2,)}[args.flip]
     ensemble = ProbabilityEnsemble(nets, [c for _, c in members], args.combine, flip_dims).eval()
     update = {
-        "bundle_root": str(BUNDLE), "dataset_dir": args.dataset_dir, "image_size": args.image_size, "num_workers": 0,
-        "output_dir": args.out, "drr_slab_keys": SLABS if max(c for _, c in members) > 2 else [], "network": ensemble,
+        "bundle_root": str(BUNDLE),
+        "dataset_dir": args.dataset_dir,
+        "image_size": args.image_size,
+        "num_workers": 0,
+        "output_dir": args.out,
+        "drr_slab_keys": SLABS if max(c for _, c in members) > 2 else [],
+        "network": ensemble,
         # the members' weights are loaded above: evaluate.json's handlers without its CheckpointLoader
         "validate#handlers": [h for h in config["validate#handlers"] if h.get("_target_") != "CheckpointLoader"],
     }
