@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,6 +47,7 @@ def _rows(n: int, seed: int) -> list[dict]:
         row = {"nodule_id": f"N{i:03d}", "patient_id": f"P{i // 2:03d}", "fold": (i // 2) % 3, "diameter_mm": round(d, 2),
                "volume_mm3": round(np.pi / 6 * d**3, 1), "surface_area_mm2": round(np.pi * d**2, 1)}  # fmt: skip
         row.update({c: int(rng.integers(1, 6)) for c in FEATURES[3:]})
+        row["internal_structure"] = min(row["internal_structure"], 4)  # LIDC's scale is 1-4
         row.update(spiculation=int(spic), calcification=int(calc), malignant=int(score > 0), ggn=int(rng.random() < 0.3))
         rows.append(row)
     return rows
@@ -339,7 +341,7 @@ def test_inference_on_a_folder_of_nifti_mha_and_dicom(tmp_path):
 
 def test_bad_item_in_a_list_is_refused_by_name(tmp_path):
     """In a list, an unreadable file and a 2-D image are each refused in one line naming them; the good input is
-    written, and the run ends non-zero naming the refused ones."""
+    written, and the run ends with status 1 and one line naming the refused ones, without a traceback."""
     img, _, _ = _nodule_ct()
     sitk.WriteImage(img, str(tmp_path / "good.nii.gz"))
     (tmp_path / "broken.nii.gz").write_bytes(b"not an image at all")
@@ -353,7 +355,9 @@ def test_bad_item_in_a_list_is_refused_by_name(tmp_path):
     assert proc.returncode != 0
     assert f"{inputs[1]}: LoadImage cannot find a suitable reader" in log, log[-3000:]
     assert f"{inputs[2]}: image of shape (1, 40, 40), the model takes one 3-D CT" in log, log[-3000:]
-    assert f"2 input(s) refused (the others were written): {inputs[1]}, {inputs[2]}" in log
+    summary = f"2 input(s) refused (the others were written): {inputs[1]}, {inputs[2]}"
+    assert proc.stderr.strip().splitlines()[-1] == summary
+    assert proc.returncode == 1 and "Traceback" not in log, log[-3000:]
     assert list(_predictions(tmp_path / "out/inference_predictions.csv")) == ["good"]
 
 
@@ -413,3 +417,222 @@ def test_training_kind_crop_input_is_unchanged(tmp_path):
         parser.read_config(str(BUNDLE / "configs/inference.json"))
         new = parser.get_parsed_content("preprocessing")({"image": str(tmp_path / "crop.nii.gz")})["image"]
     assert torch.equal(torch.as_tensor(new), old({"image": str(tmp_path / "crop.nii.gz")})["image"].as_tensor())
+
+
+# --- bad input and faults (issue 35) ---
+
+
+def _run_refused(config_files: list[str], **overrides) -> tuple[subprocess.CompletedProcess, str]:
+    """``monai.bundle run`` expected to end non-zero: the process and its stdout + stderr."""
+    files = [str(BUNDLE / c) for c in config_files]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(files)]
+    for key, value in overrides.items():
+        cmd += [f"--{key.replace('__', '#')}", value if isinstance(value, str) else json.dumps(value)]
+    env = {**os.environ, "PYTHONPATH": ""}
+    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=300, env=env)
+    return proc, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "column, value, problem",
+    [
+        ("volume_mm3", "-5", r"volume_mm3 = -5 is outside \(0, 1.5e7\]"),
+        ("volume_mm3", "0", r"volume_mm3 = 0 is outside \(0, 1.5e7\]"),
+        ("diameter_mm", "1e30", r"diameter_mm = 1e30 is outside \(0, 300\]"),
+        ("surface_area_mm2", "-inf", r"surface_area_mm2 is '-inf', not a finite number"),
+        ("subtlety", "7", r"subtlety = 7 is outside \[1, 5\]"),
+        ("texture", "0", r"texture = 0 is outside \[1, 5\]"),
+        ("margin", "nan", r"margin is 'nan', not a finite number"),
+    ],
+)
+def test_impossible_feature_values_are_refused_by_row_and_column(data, column, value, problem):
+    """A non-finite or physically impossible feature value is refused by row id and column: at inference that row
+    alone (the others go on), for training and evaluation the table, with a message naming that workflow."""
+    rows = list(csv.DictReader(open(data["table"] / "pggn.csv")))[:12]
+    rows[4][column] = value
+    bad = _write_table(data["root"] / f"bad_{column}_{value}.csv", rows)
+    with bundle_scripts(BUNDLE) as scripts:
+        got = scripts.table.inference_rows(str(bad), FEATURES)
+        for purpose in ("training", "evaluation"):
+            expected = rf"bad_{column}_{value}.csv: .*'{column}'.*N004.*before {purpose}"
+            with pytest.raises(scripts.table.TableError, match=expected):
+                scripts.table.read_table(str(bad), FEATURES, "malignant", purpose=purpose)
+    assert [r["id"] for r in got] == [r["nodule_id"] for r in rows]
+    assert got[4]["input"] == f"{bad} [N004]" and re.fullmatch(problem + r".*", got[4]["error"]), got[4]
+    assert all("error" not in r and r["features"].shape == (len(FEATURES),) for i, r in enumerate(got) if i != 4)
+
+
+def test_tabular_inference_refuses_bad_rows_and_shared_ids_by_name(data, tmp_path):
+    """Tabular inference with the shipped model: rows with impossible values and all rows of an id given twice are
+    refused in one line each, by table and id; the other rows are written, each id once; the run ends with status 1
+    and a one-line summary, no traceback."""
+    rows = list(csv.DictReader(open(data["table"] / "pggn.csv")))[:6]
+    for r in rows:
+        r.pop("malignant")
+    rows[1]["volume_mm3"], rows[2]["diameter_mm"] = "-5", "1e30"
+    rows[4]["nodule_id"] = rows[3]["nodule_id"]  # N003 twice
+    table = _write_table(tmp_path / "rows.csv", rows)
+    proc, log = _run_refused(["configs/inference.json", "configs/tabular.json"], input_path=str(table),
+                             output_dir=str(tmp_path / "out"))  # fmt: skip
+    assert proc.returncode == 1, log[-3000:]
+    assert f"{table} [N001]: volume_mm3 = -5 is outside (0, 1.5e7]" in log
+    assert f"{table} [N002]: diameter_mm = 1e30 is outside (0, 300]" in log
+    assert f"{table} [N003]: nodule_id N003 is on lines 5, 6 of the table" in log
+    assert "Traceback" not in log, log[-3000:]
+    summary = f"3 input(s) refused (the others were written): {table} [N001], {table} [N002], {table} [N003]"
+    assert proc.stderr.strip().splitlines()[-1] == summary
+    assert list(_predictions(tmp_path / "out/inference_predictions.csv")) == ["N000", "N005"]
+
+
+def test_table_rows_and_images_that_cannot_be_told_apart_or_found_are_refused(data, tmp_path):
+    """At inference a table row whose crop is missing is refused by id, and images sharing an id (a.nii.gz, a.mha)
+    are each refused naming the other; the rest go on."""
+    rows = list(csv.DictReader(open(data["crops"] / "pggn.csv")))[:3]
+    rows[1]["image_bbox"] = "bbox/gone.nii.gz"
+    table = _write_table(data["crops"] / "missing_crop.csv", rows)
+    img, _, _ = _nodule_ct(shape=(8, 8, 8))
+    for name in ("a.nii.gz", "a.mha", "b.nii.gz"):
+        sitk.WriteImage(img, str(tmp_path / name))
+    with bundle_scripts(BUNDLE) as scripts:
+        from_table = scripts.table.inference_rows(str(table), [], "image_bbox")
+        from_images = scripts.table.inference_rows(str(tmp_path))
+    assert from_table[1] == {"id": "N001", "input": f"{table} [N001]",
+                             "error": f"crop (column 'image_bbox') {data['crops'] / 'bbox/gone.nii.gz'} not found"}
+    assert "error" not in from_table[0] and "error" not in from_table[2]
+    assert [r.get("error", "") for r in from_images] == [
+        f"its id 'a' is also the id of {tmp_path / 'a.nii.gz'}: outputs are named from it",
+        f"its id 'a' is also the id of {tmp_path / 'a.mha'}: outputs are named from it", ""]  # fmt: skip
+
+
+def _bad_images(folder: Path) -> dict[str, str]:
+    """Bad inputs written into ``folder``: {file name: the problem expected after '<path>: '}."""
+    img, _, _ = _nodule_ct()
+    arr = sitk.GetArrayFromImage(img).astype(np.float32)
+    nan, shape = np.float32("nan"), (30, 30, 30)
+    writes = {
+        "flat.nii.gz": (np.zeros((40, 40), np.int16), r"image of shape \(1, 40, 40\), the model takes one 3-D CT"),
+        "series4d.nii.gz": (np.zeros((3, 12, 12, 12), np.int16), r"image of shape \(1, 12, 12, 12, 3\), the model"),
+        "all_nan.nii.gz": (np.full(shape, nan), r"27000 of 27000 voxels of the image are NaN or infinite"),
+        "some_nan.mha": (np.where(np.indices(arr.shape)[0] < 5, nan, arr), r"\d+ of 76032 voxels of the image are NaN"),
+        "nan_crop.nii.gz": (np.full((32, 32, 32), nan), r"32768 of 32768 voxels of the image are NaN"),
+        "only_lung.nii.gz": (np.full(shape, -860, np.int16), r"nothing brighter than the lung at its centre"),
+        "cut_nodule.nii.gz": (np.where(np.indices(shape)[0] < 4, -860, -350).astype(np.int16),
+                              r"the nodule found at its centre reaches the region's edge, so the region does not"),
+    }  # fmt: skip
+    for name, (array, _) in writes.items():
+        sitk.WriteImage(sitk.GetImageFromArray(array, isVector=False), str(folder / name))
+    return {name: problem for name, (_, problem) in writes.items()}
+
+
+BAD_IMAGES = ["flat.nii.gz", "series4d.nii.gz", "all_nan.nii.gz", "some_nan.mha", "nan_crop.nii.gz", "only_lung.nii.gz",
+              "cut_nodule.nii.gz"]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", BAD_IMAGES)
+def test_bad_image_is_refused_in_one_line_naming_it(tmp_path, name):
+    """A 2-D or 4-D image, NaN voxels (all or some, NIfTI or MetaImage, region or training-kind crop), a region with
+    nothing at its centre or a nodule cut by its edge: refused in one line naming the file, the good input goes on."""
+    problems = _bad_images(tmp_path)
+    img, _, _ = _nodule_ct()
+    sitk.WriteImage(img, str(tmp_path / "good.nii.gz"))
+    with bundle_scripts(BUNDLE) as scripts:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        items = [{"image": str(tmp_path / "good.nii.gz")}, {"image": str(tmp_path / name)}]
+        ds = scripts.inputs.CheckedDataset(items, parser.get_parsed_content("preprocessing"))
+        with pytest.raises(SystemExit, match=rf"1 input\(s\) refused \(the others were written\): {tmp_path / name}$"):
+            ds.raise_if_failed()
+    assert len(ds) == 1 and list(ds.failed) == [str(tmp_path / name)]
+    assert re.fullmatch(problems[name] + r".*", ds.failed[str(tmp_path / name)]), ds.failed
+
+
+def _checkpoints(folder: Path) -> dict[str, str]:
+    """Bad ``model.pt`` files written into ``folder``: {file name: the problem expected after '<path> '}."""
+    good = (BUNDLE / "models/model.pt").read_bytes()
+    torch.save(torch.zeros(3), folder / "tensor.pt")
+    torch.save([torch.zeros(3)], folder / "list.pt")
+    (folder / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (folder / "empty.pt").write_bytes(b"")
+    torch.save({"conv.weight": torch.zeros(2, 2)}, folder / "other_network.pt")
+    torch.save({"x": print}, folder / "code.pt")  # a pickle that wants code to load
+    return {
+        "tensor.pt": r"holds a Tensor, not a state dict",
+        "list.pt": r"holds a list, not a state dict",
+        "truncated.pt": r"is not a readable PyTorch checkpoint \(truncated, or not written by torch.save\)",
+        "empty.pt": r"is empty \(0 bytes\), not a checkpoint",
+        "other_network.pt": r"does not belong to this network \(138 missing key\(s\).*1 unexpected",
+        "code.pt": r"holds Python objects that need code to load \(GLOBAL print\); refused",
+    }
+
+
+@pytest.mark.parametrize("workflow", ["inference", "evaluation"])
+def test_bad_checkpoint_is_refused_in_one_line_naming_it(data, tmp_path, workflow):
+    """models/model.pt as a tensor, a list, a truncated or empty file, another network's weights or a pickle that wants
+    code: the run's initialize ends it (SystemExit, status 1) with one line naming the checkpoint and the problem."""
+    problems = _checkpoints(tmp_path)
+    files = ["configs/inference.json"] if workflow == "inference" else ["configs/train.json", "configs/evaluate.json"]
+    with bundle_scripts(BUNDLE):
+        from monai.bundle import ConfigParser
+
+        for name, problem in problems.items():
+            parser = ConfigParser()
+            parser.read_config([str(BUNDLE / f) for f in files])
+            parser.update({"model_file": str(tmp_path / name), "dataset_dir": str(data["crops"])})
+            with pytest.raises(SystemExit) as caught:
+                parser.get_parsed_content("initialize")
+            assert re.fullmatch(rf"model: {tmp_path / name} {problem}.*", str(caught.value)), str(caught.value)
+            assert "\n" not in str(caught.value)
+
+
+RUN_ENDS = ["empty folder", "missing input", "code checkpoint", "evaluation, truncated checkpoint",
+            "evaluation, impossible value"]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", RUN_ENDS)
+def test_run_that_cannot_go_on_ends_with_one_line(data, tmp_path, case):
+    """An empty input folder, a missing input, a refused checkpoint (inference or evaluation) or an impossible table
+    value in evaluation ends ``monai.bundle run`` with status 1 and one line naming it, without a traceback."""
+    (tmp_path / "empty").mkdir()
+    _checkpoints(tmp_path)
+    img, _, _ = _nodule_ct()
+    sitk.WriteImage(img, str(tmp_path / "good.nii.gz"))
+    rows = list(csv.DictReader(open(data["table"] / "pggn.csv")))
+    rows[7]["volume_mm3"] = "-5"
+    bad = _write_table(tmp_path / "pggn.csv", rows)
+    infer, evaluate = ["configs/inference.json"], [*TABULAR, "configs/evaluate.json"]
+    good, code, truncated = (str(tmp_path / n) for n in ("good.nii.gz", "code.pt", "truncated.pt"))
+    config, overrides, line = {
+        "empty folder": (infer, {"input_path": str(tmp_path / "empty")}, f"{tmp_path / 'empty'}: no image files"),
+        "missing input": (infer, {"input_path": str(tmp_path / "nope.mha")}, f"{tmp_path / 'nope.mha'}: not found"),
+        "code checkpoint": (infer, {"input_path": good, "model_file": code},
+                            f"model: {code} holds Python objects that need code to load"),
+        "evaluation, truncated checkpoint": (evaluate, {"dataset_dir": str(data["table"]), "model_file": truncated},
+                                             f"model: {truncated} is not a readable PyTorch checkpoint"),
+        "evaluation, impossible value": (evaluate, {"dataset_dir": str(tmp_path)},
+                                         f"{bad}: physically impossible feature values ('volume_mm3' outside "
+                                         "(0, 1.5e7] in N007 (-5)); fix or drop them before evaluation"),
+    }[case]  # fmt: skip
+    proc, log = _run_refused(config, output_dir=str(tmp_path / "out"), **overrides)
+    assert proc.returncode == 1, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr[-2000:]
+
+
+def test_coarse_region_without_a_voxel_near_its_centre_is_boxed(tmp_path):
+    """A region at 5 mm whose centre falls between voxels (none within 2 mm of it) is cut and resampled to the
+    network input like any other, not refused with a numpy error."""
+    arr = np.full((8, 8, 8), -860, np.int16)
+    arr[3:5, 3:5, 3:5] = -300
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((5.0, 5.0, 5.0))
+    sitk.WriteImage(img, str(tmp_path / "coarse.nii.gz"))
+    with bundle_scripts(BUNDLE) as scripts:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(BUNDLE / "configs/inference.json"))
+        pre = parser.get_parsed_content("preprocessing")
+        ds = scripts.inputs.CheckedDataset([{"image": str(tmp_path / "coarse.nii.gz")}], pre)
+    assert not ds.failed and ds[0]["image"].shape == (1, 32, 32, 32)

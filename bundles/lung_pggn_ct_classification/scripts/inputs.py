@@ -1,5 +1,6 @@
 """What inference takes: ``input_path`` as a file, a folder or a list; each input's id; a SimpleITK reader
-for MONAI's ``LoadImage``; a dataset that refuses a bad item by name while the others go on.
+for MONAI's ``LoadImage``; a dataset that refuses a bad item by name while the others go on; the errors that
+end a ``monai.bundle run`` with one line instead of a traceback.
 
 The same small interface is copied in each bundle of the project (a bundle cannot import another).
 """
@@ -19,11 +20,40 @@ from monai.data.utils import orientation_ras_lps
 from monai.transforms import apply_transform
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
-__all__ = ["IMAGE_SUFFIXES", "expand_inputs", "input_id", "is_dicom_series", "SimpleITKReader", "CheckedDataset"]
+__all__ = [
+    "IMAGE_SUFFIXES", "InputError", "InputsFailedError", "exit_on_input_error", "expand_inputs", "input_id",
+    "is_dicom_series", "SimpleITKReader", "CheckedDataset",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd")
+
+
+class InputError(ValueError):
+    """An input (image, table, checkpoint) that cannot be used; the message names it and the problem in one line."""
+
+
+class InputsFailedError(SystemExit):
+    """The run cannot go on, or some of its inputs were refused (each was logged with its problem).
+
+    A ``SystemExit`` with a message: ``python -m monai.bundle run`` prints the one line and exits with
+    status 1, without a traceback (MONAI wraps other exceptions of config expressions in its own, over
+    dozens of lines). In Python, catch it as ``SystemExit`` or this class.
+    """
+
+
+def exit_on_input_error(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, where an :class:`InputError` (a ``TableError`` or ``CheckpointError`` too) or a
+    ``FileNotFoundError`` ends the run with its one-line message (:class:`InputsFailedError`).
+
+    For the config expressions that read the inputs and the checkpoint (``data``, ``initialize``, ``rows``);
+    the functions themselves raise ordinary exceptions for use from Python.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (InputError, FileNotFoundError) as exc:
+        raise InputsFailedError(str(exc)) from exc
 
 
 def _as_list(input_path) -> list[str]:
@@ -38,9 +68,9 @@ def _as_list(input_path) -> list[str]:
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError) as exc:
-                raise ValueError(f"input_path {text!r} looks like a list but cannot be read as one ({exc})") from None
+                raise InputError(f"input_path {text!r} looks like a list but cannot be read as one ({exc})") from None
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"input_path {text!r}: a list must hold path strings")
+            raise InputError(f"input_path {text!r}: a list must hold path strings")
         return value
     return [text]
 
@@ -82,7 +112,7 @@ def expand_inputs(input_path) -> list[str]:
 
     Raises:
         FileNotFoundError: a path does not exist.
-        ValueError: a folder holds nothing readable; a list string cannot be read.
+        InputError: a folder holds nothing readable; a list string cannot be read.
     """
     out: list[str] = []
     for item in _as_list(input_path):
@@ -94,7 +124,7 @@ def expand_inputs(input_path) -> list[str]:
             continue
         found = sorted(p for p in path.iterdir() if _is_image_file(p) or is_dicom_series(p))
         if not found:
-            raise ValueError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series folder in it")
+            raise InputError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) and no DICOM series folder in it")
         out += [str(p) for p in found]
     return out
 
@@ -190,39 +220,45 @@ class CheckedDataset(Dataset):
     """A dataset whose items are preprocessed once, up front; an item that fails is logged as one line
     ``<input>: <problem>`` and left out, the others go on.
 
-    ``failed`` maps each refused input to its problem; :meth:`raise_if_failed` (a config's ``finalize``)
-    ends the run with a one-line summary when any was refused. The preprocessed items stay in memory
-    (about 130 KB per 32^3 crop).
+    An item that holds ``"error"`` (a table row refused by :func:`scripts.table.read_table` at inference,
+    named by its ``"input"``) is logged and left out the same way. ``failed`` maps each refused input to
+    its problem; :meth:`raise_if_failed` (a config's ``finalize``) ends the run with a one-line summary
+    when any was refused. The preprocessed items stay in memory (about 130 KB per 32^3 crop).
 
     Args:
         data: the items (dicts).
         transform: the preprocessing. Default None.
-        name_key: the item key naming the input in messages (its path), else ``id``. Default ``"image"``.
+        name_key: the item key naming the input in messages (its path), else ``input`` or ``id``. Default ``"image"``.
 
     Raises:
-        ValueError: no item could be preprocessed.
+        InputsFailedError: no item could be preprocessed (a ``SystemExit``: the run ends with one line).
     """
 
     def __init__(self, data: Sequence[dict], transform=None, name_key: str = "image"):
         self.failed: dict[str, str] = {}
         items = []
         for item in data:
+            name = str(item.get("input") or item.get(name_key) or item.get("id"))
+            if item.get("error"):
+                if self.failed.get(name) != str(item["error"]):  # rows sharing an id: one line
+                    self.failed[name] = str(item["error"])
+                    logger.error("%s: %s", name, self.failed[name])
+                continue
             try:
                 items.append(apply_transform(transform, item) if transform is not None else item)
             except Exception as exc:  # one bad input must not stop the others
-                name = str(item.get(name_key) or item.get("id"))
                 problem = _one_line(exc)
                 self.failed[name] = problem[len(name) + 2 :] if problem.startswith(f"{name}: ") else problem
                 logger.error("%s: %s", name, self.failed[name])
         if not items:
-            raise ValueError(f"no input could be used: {self.summary()}")
+            raise InputsFailedError(f"no input could be used: {self.summary()}")
         super().__init__(items, transform=None)
 
     def summary(self) -> str:
         return "; ".join(f"{name}: {problem}" for name, problem in self.failed.items())
 
     def raise_if_failed(self) -> None:
-        """Raise ``RuntimeError`` naming the refused inputs, if any."""
+        """Raise :class:`InputsFailedError` (a ``SystemExit``, status 1) naming the refused inputs, if any."""
         if self.failed:
             names = ", ".join(self.failed)
-            raise RuntimeError(f"{len(self.failed)} input(s) refused (the others were written): {names}")
+            raise InputsFailedError(f"{len(self.failed)} input(s) refused (the others were written): {names}")

@@ -3,12 +3,61 @@
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from monai.transforms import MapTransform
 
-__all__ = ["CheckSpatialShaped", "NoduleBoxd"]
+__all__ = ["CheckImaged", "CheckSpatialShaped", "NoduleBoxd"]
+
+
+def _name(img, key) -> str:
+    meta = getattr(img, "meta", {}) or {}
+    return str(meta.get("filename_or_obj", key))
+
+
+def _nonfinite_in_nifti(name: str) -> int:
+    """Non-finite voxels of a floating-point NIfTI file, read with nibabel (ITK's NIfTI reader turns them into 0)."""
+    if not name.lower().endswith((".nii", ".nii.gz")) or not Path(name).is_file():
+        return 0
+    try:
+        import nibabel as nib
+    except ImportError:  # nibabel is optional: without it, such a file reads as ITK gives it
+        return 0
+    img = nib.load(name)
+    if not np.issubdtype(img.get_data_dtype(), np.floating):
+        return 0
+    return int((~np.isfinite(np.asanyarray(img.dataobj))).sum())
+
+
+class CheckImaged(MapTransform):
+    """Refuse, naming its file, an image that is not one 3-D volume or that holds NaN or infinite voxels.
+
+    Put after ``EnsureChannelFirstd``: a 3-D scan is then (1, H, W, D); a 2-D image, a 4-D series or a
+    multi-channel image is not, and a NaN voxel would silently spread through smoothing and the network.
+    A floating-point NIfTI file is also read with nibabel (when installed), since ITK's NIfTI reader (the
+    ``SimpleITKReader``) reads NaN and infinite voxels as 0.
+
+    Args:
+        keys: keys of channel-first images (the first one is named "image" in messages, the others by their key).
+        allow_missing_keys: skip absent keys. Default False.
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for n, key in enumerate(self.key_iterator(d)):
+            img, name = d[key], _name(d[key], key)
+            what = "image" if n == 0 else str(key)
+            if img.ndim != 4 or img.shape[0] != 1:
+                want = "the model takes one 3-D CT" if n == 0 else "not one 3-D volume"
+                raise ValueError(f"{name}: {what} of shape {tuple(img.shape)}, {want} (1, H, W, D)")
+            bad = _nonfinite_in_nifti(name)
+            if not bad and torch.is_floating_point(torch.as_tensor(img)):
+                bad = int((~torch.isfinite(torch.as_tensor(img))).sum())
+            if bad:
+                raise ValueError(f"{name}: {bad} of {img[0].numel()} voxels of the {what} are NaN or infinite")
+        return d
 
 
 class CheckSpatialShaped(MapTransform):
@@ -108,12 +157,19 @@ class NoduleBoxd(MapTransform):
 
         smooth = ndimage.gaussian_filter(image, self.sigma_mm / spacing, mode="nearest")
         dist = np.sqrt(sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(image.shape), centre, spacing)))
-        near, ball = dist <= self.seed_mm, dist <= self.max_radius_mm
+        near, ball = dist <= max(self.seed_mm, dist.min()), dist <= max(self.max_radius_mm, dist.min())
         nodule, lung = float(smooth[near].max()), float(np.percentile(smooth[ball], 10))
         threshold = max(lung + self.level * (nodule - lung), self.min_threshold)
         if nodule <= threshold:
             raise ValueError(f"{name}: nothing brighter than the lung at its centre (is it centred on the nodule?)")
-        return _component_near((smooth >= threshold) & ball, centre, spacing, self.seed_mm)
+        box = _component_near((smooth >= threshold) & ball, centre, spacing, max(self.seed_mm, dist.min()))
+        idx = np.argwhere(box)
+        if idx.min() == 0 or (idx.max(axis=0) == np.asarray(image.shape) - 1).any():
+            raise ValueError(
+                f"{name}: the nodule found at its centre reaches the region's edge, so the region does not hold all "
+                "of it (cut a larger region around the nodule, or give its mask)"
+            )
+        return box
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         from monai.data import MetaTensor
