@@ -64,10 +64,14 @@ def _nanodrr(hu, nod, lung, sp, iso, poses, geom, n_samples, bands):
     v2w[:3, 3] = -iso * sp[::-1]
     v2w_t = torch.tensor(v2w, dtype=torch.float32)
     subj = Subject(
-        torch.as_tensor(hu.astype(np.float32))[None, None], torch.as_tensor(lab)[None, None], v2w_t,
-        torch.tensor(np.linalg.inv(v2w), dtype=torch.float32), Subject._make_voxel_to_grid(torch.Size((1, 1, *hu.shape))),
-        torch.zeros(3), max_label=2,
-    )  # fmt: skip
+        torch.as_tensor(hu.astype(np.float32))[None, None],
+        torch.as_tensor(lab)[None, None],
+        v2w_t,
+        torch.tensor(np.linalg.inv(v2w), dtype=torch.float32),
+        Subject._make_voxel_to_grid(torch.Size((1, 1, *hu.shape))),
+        torch.zeros(3),
+        max_label=2,
+    )
     size, src_y = geom.size, geom.sdd - geom.odd
     k_inv = make_k_inv(geom.sdd, geom.pixel_mm, geom.pixel_mm, 0.0, 0.0, size, size)
     sdd = torch.tensor([geom.sdd])
@@ -212,7 +216,8 @@ def main() -> None:
         rel = float(np.abs(x["drr"] - ref["drr"])[body].mean() / ref["drr"][body].mean())
         dice = [2 * (x[k] & ref[k]).sum() / max(x[k].sum() + ref[k].sum(), 1) for k in ("nod", "lung")]
         print(
-            f"{m:12s}{r['per_drr']:8.2f}{1 / r['per_drr']:8.3f}{r['peak_rss_gb']:9.2f}{rel:10.2%}{dice[0]:10.3f}{dice[1]:10.3f}"
+            f"{m:12s}{r['per_drr']:8.2f}{1 / r['per_drr']:8.3f}{r['peak_rss_gb']:9.2f}"
+            f"{rel:10.2%}{dice[0]:10.3f}{dice[1]:10.3f}"
         )
     print(
         f"speed-up (baseline / ours): {runs['baseline']['seconds'] / runs['ours']['seconds']:.1f}x; "

@@ -40,7 +40,8 @@ else:
     scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series.series_uid).first()
     shape = prepare_naive(list(series.files), scan, pl, out)
 seconds = time.perf_counter() - t0
-print(json.dumps({{"mode": mode, "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+print(json.dumps({{"mode": mode, "seconds": seconds,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "shape": list(shape), "n_slices": len(series.files)}}))
 """
 

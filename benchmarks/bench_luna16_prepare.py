@@ -50,7 +50,8 @@ else:
     from bench_luna16_prepare import prepare_naive
     shape, native = prepare_naive(mhd, anns, Path(out))
 seconds = time.perf_counter() - t0
-print(json.dumps({{"mode": mode, "seconds": seconds, "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+print(json.dumps({{"mode": mode, "seconds": seconds,
+                  "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
                   "shape": list(shape), "native_shape": list(native), "n_annotations": len(anns)}}))
 """
 

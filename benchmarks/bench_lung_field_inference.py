@@ -48,7 +48,8 @@ if mode == "baseline":
 p.get_parsed_content("initialize"); p.get_parsed_content("run")
 seconds = time.perf_counter() - t0
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(json.dumps({"mode": mode, "seconds": seconds, "cpu_s": ru.ru_utime + ru.ru_stime, "peak_rss_gb": ru.ru_maxrss / 2**20, "out": out}))
+print(json.dumps({"mode": mode, "seconds": seconds, "cpu_s": ru.ru_utime + ru.ru_stime,
+                  "peak_rss_gb": ru.ru_maxrss / 2**20, "out": out}))
 """
 
 
@@ -117,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
         dice = 2 * inter / max(masks["ours"].sum() + masks["baseline"].sum(), 1)
         print(f"Dice between the two sides' masks: {dice:.4f}; lung voxels (ours): {int(masks['ours'].sum())}")
         print(
-            f"goal: ours <= 20 s on 2 cores -> {'met' if best['ours']['seconds'] <= 20 else 'NOT met'} ({best['ours']['seconds']:.1f} s)"
+            f"goal: ours <= 20 s on 2 cores -> {'met' if best['ours']['seconds'] <= 20 else 'NOT met'} "
+            f"({best['ours']['seconds']:.1f} s)"
         )
     return best
 

@@ -1,4 +1,4 @@
-"""Benchmark: whole-scan nodule inference (CPU, or a GPU with --device cuda) with the bundle's settings against MONAI's defaults.
+"""Benchmark: whole-scan nodule inference (CPU or --device cuda) with the bundle's settings against MONAI's defaults.
 
 The scan is a synthetic 1 mm chest of ``--shape`` (default 350 x 350 x 300 voxels, x/y/z): air
 outside, a soft-tissue body, two lungs with vessels and a few solid nodules, written as NIfTI. Each
@@ -40,7 +40,9 @@ BUNDLE = HERE.parent / "bundles" / "lung_nodule_ct_segmentation"
 
 CHILD = r"""
 import json, resource, sys, time
-mode, scan, out, threads, tta_axes, dev = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]), sys.argv[6]
+mode, scan, out, threads, tta_axes, dev = (
+    sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), json.loads(sys.argv[5]), sys.argv[6]
+)
 import torch
 device = torch.device(dev)
 torch.set_num_threads(threads)
@@ -61,12 +63,18 @@ if mode == "baseline":
     pre = mt.Compose([
         mt.LoadImaged("image", ensure_channel_first=True, image_only=True),
         mt.Orientationd("image", axcodes=p["orientation"]), mt.Spacingd("image", pixdim=p["pixdim"]),
-        mt.ScaleIntensityRanged("image", a_min=p["hu_window"][0], a_max=p["hu_window"][1], b_min=0.0, b_max=1.0, clip=True),
+        mt.ScaleIntensityRanged(
+            "image", a_min=p["hu_window"][0], a_max=p["hu_window"][1], b_min=0.0, b_max=1.0, clip=True
+        ),
     ])
     t0 = time.perf_counter()
     data = pre({{"image": scan}})
     with torch.no_grad():
-        prob = torch.sigmoid(SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="constant")(data["image"][None].to(device), net))
+        prob = torch.sigmoid(
+            SlidingWindowInferer(roi_size=roi, sw_batch_size=1, overlap=0.25, mode="constant")(
+                data["image"][None].to(device), net
+            )
+        )
     torch.cuda.synchronize() if device.type == "cuda" else None
     seconds = time.perf_counter() - t0
     windows = None
@@ -153,7 +161,8 @@ def main() -> None:
             for mode in modes:
                 runs.append(run_child(mode, scan, work, args.threads, args.tta_axes, args.device))
                 print(
-                    f"  {mode:9s} {runs[-1]['seconds']:8.1f} s  {runs[-1]['peak_rss_gb']:5.2f} GB  GPU {runs[-1]['peak_gpu_gb']:5.2f} GB  roi {runs[-1]['roi']}",
+                    f"  {mode:9s} {runs[-1]['seconds']:8.1f} s  {runs[-1]['peak_rss_gb']:5.2f} GB  "
+                    f"GPU {runs[-1]['peak_gpu_gb']:5.2f} GB  roi {runs[-1]['roi']}",
                     flush=True,
                 )
     best = {m: min((x for x in runs if x["mode"] == m), key=lambda x: x["seconds"]) for m in args.modes}

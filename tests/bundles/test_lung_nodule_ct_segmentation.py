@@ -1046,7 +1046,7 @@ def test_bundle_folder_alone_loads_and_predicts(tmp_path):
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_torchrun_two_processes_cpu(tiny_luna, tmp_path):
     """torchrun --nproc_per_node=2 with multi_gpu_train.json trains one short epoch on CPU (gloo, DistributedSampler) to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""

@@ -1182,7 +1182,7 @@ def test_bundle_folder_alone_loads_with_configparser_and_torchscript(trained, tm
     assert (tmp_path / "pred" / f"{Path(item['xray']).name[:-7]}_mask.png").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_torchrun_two_processes_train_one_epoch_to_a_checkpoint(trained, tmp_path):
     """torchrun --nproc_per_node=2 with train.json + multi_gpu_train.json (gloo on CPU, DistributedSampler) trains one epoch to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""

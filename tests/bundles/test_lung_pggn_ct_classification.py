@@ -246,7 +246,7 @@ def test_bundle_alone_loads_and_exports(tmp_path):
     assert export.returncode == 0 and (tmp_path / "m.ts").exists(), export.stderr[-2000:]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_torchrun_two_processes_train_a_checkpoint(data, tmp_path):
     """torchrun with 2 CPU processes (gloo, DistributedSampler) trains the tabular variant one epoch to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""

@@ -87,8 +87,9 @@ def load_split(
             n = _count_nodules_from_labels(items)
         if n == 0:
             raise ValueError(
-                f"{path}: empty label set: none of the {len(items)} '{split}' cases (val_fold={val_fold}) has a nodule "
-                "in its label; a segmenter cannot learn from negatives alone (add scans with nodules or change val_fold)"
+                f"{path}: empty label set: none of the {len(items)} '{split}' cases (val_fold={val_fold}) "
+                "has a nodule in its label; a segmenter cannot learn from negatives alone (add scans with nodules "
+                "or change val_fold)"
             )
     return items
 

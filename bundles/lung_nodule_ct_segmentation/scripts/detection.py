@@ -114,7 +114,10 @@ def froc(
 
 
 def local_dice(label: np.ndarray, pred: np.ndarray, k: int, margin: int) -> float:
-    """Dice of nodule ``k`` against the prediction in its bounding box grown by ``margin`` voxels (other nodules masked out)."""
+    """Dice of nodule ``k`` against the prediction in its bounding box grown by ``margin`` voxels.
+
+    Other nodules are masked out.
+    """
     where = np.argwhere(label == k)
     lo = np.maximum(where.min(axis=0) - margin, 0)
     hi = np.minimum(where.max(axis=0) + margin + 1, label.shape)

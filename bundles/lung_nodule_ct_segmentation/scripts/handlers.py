@@ -122,10 +122,18 @@ class NoduleEvaluationHandler:
             })  # fmt: skip
         for c in cands:
             x, y, z = voxel_to_world_lps(item["label"], c["centre"])
-            self.candidate_rows.append({
-                "case_id": case, "centre_x_mm": round(x, 2), "centre_y_mm": round(y, 2), "centre_z_mm": round(z, 2),
-                "volume_mm3": round(c["volume_mm3"], 1), "score": round(c["score"], 4), "max_probability": round(c["max_prob"], 4), "hit_label": c["nodule"],
-            })  # fmt: skip
+            self.candidate_rows.append(
+                {
+                    "case_id": case,
+                    "centre_x_mm": round(x, 2),
+                    "centre_y_mm": round(y, 2),
+                    "centre_z_mm": round(z, 2),
+                    "volume_mm3": round(c["volume_mm3"], 1),
+                    "score": round(c["score"], 4),
+                    "max_probability": round(c["max_prob"], 4),
+                    "hit_label": c["nodule"],
+                }
+            )
 
     def summary(self) -> dict:
         """The ``metrics.csv`` row of the scans added so far."""
@@ -139,13 +147,17 @@ class NoduleEvaluationHandler:
         )
         nan = float("nan")
         return {
-            "scans": self.n_scans, "nodules": len(dices), f"nodules_ge_{self.large_mm:g}mm": len(large),
+            "scans": self.n_scans,
+            "nodules": len(dices),
+            f"nodules_ge_{self.large_mm:g}mm": len(large),
             "scan_dice": float(np.mean(self.scan_dice)) if self.scan_dice else nan,
             "nodule_dice": float(np.mean(dices)) if dices else nan,
             f"nodule_dice_ge_{self.large_mm:g}mm": float(np.mean(large)) if large else nan,
-            "false_positives_per_scan": sum(1 for c in self.candidate_rows if c["hit_label"] == 0) / max(self.n_scans, 1),
+            "false_positives_per_scan": (
+                sum(1 for c in self.candidate_rows if c["hit_label"] == 0) / max(self.n_scans, 1)
+            ),
             **det,
-        }  # fmt: skip
+        }
 
     def epoch_completed(self, engine) -> None:
         row = self.summary()

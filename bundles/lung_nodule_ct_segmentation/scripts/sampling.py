@@ -195,7 +195,8 @@ class HardNegativeIndicesd(MapTransform):
             raise ValueError(f"positive_balance must be 'voxel' or 'nodule', got {positive_balance!r}")
         if attached_weight < 1.0 or per_nodule < 1 or shell_mm <= 0:
             raise ValueError(
-                f"attached_weight must be >= 1, per_nodule >= 1 and shell_mm > 0; got {attached_weight}, {per_nodule}, {shell_mm}"
+                "attached_weight must be >= 1, per_nodule >= 1 and shell_mm > 0; "
+                f"got {attached_weight}, {per_nodule}, {shell_mm}"
             )
         self.positive_balance = positive_balance
         self.per_nodule = int(per_nodule)
@@ -211,8 +212,8 @@ class HardNegativeIndicesd(MapTransform):
         mask = (arr > 0).any(axis=0) if arr.ndim == len(shape) + 1 else arr > 0
         if mask.shape != tuple(shape):
             raise ValueError(
-                f"{source_name(d, self.lung_key)}: lung mask shape {mask.shape} differs from the image's {tuple(shape)} "
-                "after preprocessing; the lung mask must be on the scan's grid"
+                f"{source_name(d, self.lung_key)}: lung mask shape {mask.shape} differs from the image's "
+                f"{tuple(shape)} after preprocessing; the lung mask must be on the scan's grid"
             )
         if not mask.any():
             return None

@@ -137,8 +137,8 @@ class CheckSpacingd(MapTransform):
             if self.require_match and not np.allclose(spacing, self.pixdim, atol=self.atol):
                 want = ", ".join(f"{s:.3g}" for s in self.pixdim)
                 raise ValueError(
-                    f"{source_name(d, key)}: voxel spacing ({shown}) mm does not match the config's pixdim ({want}) mm; "
-                    "training and evaluation need scans prepared at the model's spacing (e.g. "
+                    f"{source_name(d, key)}: voxel spacing ({shown}) mm does not match the config's pixdim "
+                    f"({want}) mm; training and evaluation need scans prepared at the model's spacing (e.g. "
                     "`python -m data_prep luna16 ... --spacing 1`), because resampling a nodule label map "
                     "distorts small nodules. Inference resamples any spacing."
                 )
@@ -361,10 +361,19 @@ def nodule_table(mask: torch.Tensor, prob: torch.Tensor) -> list[dict]:
     for order, (count, mean, peak, centre) in enumerate(sorted(stats, key=lambda st: -st[0])):
         vol = count * voxel_mm3
         x, y, z = voxel_to_world_lps(mask, centre)
-        rows.append({
-            "nodule": order + 1, "centre_x_mm": round(x, 2), "centre_y_mm": round(y, 2), "centre_z_mm": round(z, 2),
-            "voxel_i": round(float(centre[0]), 2), "voxel_j": round(float(centre[1]), 2), "voxel_k": round(float(centre[2]), 2),
-            "volume_mm3": round(vol, 1), "equivalent_diameter_mm": round((6 * vol / math.pi) ** (1 / 3), 2),
-            "mean_probability": round(mean, 4), "max_probability": round(peak, 4),
-        })  # fmt: skip
+        rows.append(
+            {
+                "nodule": order + 1,
+                "centre_x_mm": round(x, 2),
+                "centre_y_mm": round(y, 2),
+                "centre_z_mm": round(z, 2),
+                "voxel_i": round(float(centre[0]), 2),
+                "voxel_j": round(float(centre[1]), 2),
+                "voxel_k": round(float(centre[2]), 2),
+                "volume_mm3": round(vol, 1),
+                "equivalent_diameter_mm": round((6 * vol / math.pi) ** (1 / 3), 2),
+                "mean_probability": round(mean, 4),
+                "max_probability": round(peak, 4),
+            }
+        )
     return rows

@@ -110,9 +110,14 @@ class PerImageMetrics:
     """
 
     def __init__(
-        self, output_dir: str, size_threshold_mm: float = 10.0, attention_threshold: float = 0.5, per_image_filename: str = "per_image.csv",
-        summary_filename: str = "metrics.csv", contrast_threshold: float = 1.0,
-    ) -> None:  # fmt: skip
+        self,
+        output_dir: str,
+        size_threshold_mm: float = 10.0,
+        attention_threshold: float = 0.5,
+        per_image_filename: str = "per_image.csv",
+        summary_filename: str = "metrics.csv",
+        contrast_threshold: float = 1.0,
+    ) -> None:
         self.output_dir = str(output_dir)
         self.contrast_threshold = contrast_threshold
         self.size_threshold_mm = size_threshold_mm

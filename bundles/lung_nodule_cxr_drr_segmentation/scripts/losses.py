@@ -61,7 +61,10 @@ class FusionSegLoss(nn.Module):
         self.last: dict[str, float] = {}
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Loss of ``pred`` (B, 1 + S, H, W) logits (channel 0 mask, 1.. attention) against ``target`` (B, 1, H, W) in {0, 1}."""
+        """Loss of ``pred`` (B, 1 + S, H, W) logits against ``target`` (B, 1, H, W) in {0, 1}.
+
+        Channel 0 of ``pred`` is the mask, channels 1.. the attention maps.
+        """
         pred, target = (
             pred.float(),
             target.float(),

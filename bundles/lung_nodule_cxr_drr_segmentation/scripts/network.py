@@ -202,7 +202,8 @@ class CxrDrrFusionNet(nn.Module):
         super().__init__()
         if in_channels < 2:
             raise ValueError(
-                f"CxrDrrFusionNet takes at least 2 input channels (X-ray, DRR[, DRR slabs]), got in_channels={in_channels}."
+                "CxrDrrFusionNet takes at least 2 input channels (X-ray, DRR[, DRR slabs]), "
+                f"got in_channels={in_channels}."
             )
         if len(attention_channels) != 5 or len(decoder_channels) != 6:
             raise ValueError("attention_channels needs 5 entries (1/2..1/32), decoder_channels 6 (1/32..1/1).")
@@ -253,7 +254,10 @@ class CxrDrrFusionNet(nn.Module):
             load_xrv_weights(self, xrv_weights, pathology_index)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, in_channels, H, W) -> (B, 5, H, W): nodule logit, then attention logits at 1/4, 1/8, 1/16, 1/32 (upsampled)."""
+        """(B, in_channels, H, W) -> (B, 5, H, W).
+
+        Channel 0 is the nodule logit, then the attention logits at 1/4, 1/8, 1/16, 1/32 (upsampled).
+        """
         xray = x[:, 0:1]
         drr = x[:, 1:]
         drr_stem, drr_feats, att = self.attention.features(drr)
@@ -406,13 +410,20 @@ def param_groups(net: nn.Module, lr: float, backbone_lr: float, weight_decay: fl
 # convolutions whose input grows when ``drr_skips`` is turned on (the decoder's) or DRR slab channels are
 # added (the attention path's stem; with ``drr_skips`` also the decoder's full-resolution input)
 WIDENABLE_INPUTS = (
-    "attention.stem.0.weight", "decoder.bottleneck.0.weight", "decoder.up16.conv.0.0.weight", "decoder.up8.conv.0.0.weight",
-    "decoder.up4.conv.0.0.weight", "decoder.up2.conv.0.0.weight", "decoder.up1.conv.0.0.weight",
-)  # fmt: skip
+    "attention.stem.0.weight",
+    "decoder.bottleneck.0.weight",
+    "decoder.up16.conv.0.0.weight",
+    "decoder.up8.conv.0.0.weight",
+    "decoder.up4.conv.0.0.weight",
+    "decoder.up2.conv.0.0.weight",
+    "decoder.up1.conv.0.0.weight",
+)
 
 
 def widen_inputs(state_dict: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Fit a checkpoint to a network with more inputs (``own``: its state dict): ``drr_skips`` turned on, DRR slabs added.
+    """Fit a checkpoint to a network with more inputs: ``drr_skips`` turned on, DRR slabs added.
+
+    ``own`` is that network's state dict.
 
     New inputs are always appended (the DRR path's features after the X-ray skips, the slab channels
     after the DRR), so each convolution of ``WIDENABLE_INPUTS`` gets zero weights for its new, trailing

@@ -1,6 +1,7 @@
 """Element-wise mean of several checkpoints of one training run (the cxr bundle's stage 10).
 
-    python docs/experiments/lung_nodule_cxr_drr_segmentation/average_checkpoints.py OUT.pt run/models/model_epoch=2.pt run/models/model_epoch=4.pt ...
+    python docs/experiments/lung_nodule_cxr_drr_segmentation/average_checkpoints.py OUT.pt \\
+        run/models/model_epoch=2.pt run/models/model_epoch=4.pt ...
 
 Floating-point tensors (weights and BatchNorm running statistics) are averaged; integer ones
 (BatchNorm's batch counters) are taken from the last checkpoint. The checkpoints must be weights-only

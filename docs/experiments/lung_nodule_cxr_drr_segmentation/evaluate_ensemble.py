@@ -1,6 +1,7 @@
 """Evaluate a probability ensemble of cxr checkpoints with the bundle's own evaluation (its stage 14).
 
-    python docs/experiments/lung_nodule_cxr_drr_segmentation/evaluate_ensemble.py --dataset-dir SET --fold 0 --out OUT --combine max \\
+    python docs/experiments/lung_nodule_cxr_drr_segmentation/evaluate_ensemble.py \\
+        --dataset-dir SET --fold 0 --out OUT --combine max \\
         --member 070/model.pt:2 --member run13/models/model_epoch=48.pt:5
 
 Each ``--member`` is ``CHECKPOINT:IN_CHANNELS`` (2: X-ray and DRR; 5: X-ray, DRR and three depth
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
             net.load_state_dict(state.get("model", state))
         except Exception as e:  # noqa: BLE001 - any unreadable or unfitting file is reported by name
             raise SystemExit(
-                f"{path}: not a weights-only checkpoint of a {channels}-channel network ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+                f"{path}: not a weights-only checkpoint of a {channels}-channel network "
+                f"({type(e).__name__}: {' '.join(str(e).split())[:300]})"
             ) from None
         nets.append(net.eval())
     flip_dims = {"none": (), "lr": (-1,), "ud": (-2,)}[args.flip]

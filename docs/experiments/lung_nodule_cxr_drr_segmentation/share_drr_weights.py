@@ -1,6 +1,7 @@
 """Widen a cxr checkpoint to DRR depth slabs with the DRR's stem weights shared out (its stage 15).
 
-    python docs/experiments/lung_nodule_cxr_drr_segmentation/share_drr_weights.py START.pt OUT.pt --slabs 3 --drr-share 0.5
+    python docs/experiments/lung_nodule_cxr_drr_segmentation/share_drr_weights.py START.pt OUT.pt \\
+        --slabs 3 --drr-share 0.5
 
 `init_checkpoint` widens a checkpoint to slab inputs with zero weights for them, and training left
 them at a tenth of the DRR's (stages 9 and 11). Here the attention path's first convolution keeps
