@@ -663,7 +663,11 @@ def real_cubes(tmp_path_factory) -> Path:
 
 
 def test_image_training_on_real_cubes_beats_its_untrained_start(real_cubes, monkeypatch):
-    """Trained briefly on 11 real cubes (cube + mask in), the image model's loss on 4 held-out patients' cubes drops."""
+    """Trained briefly on 11 real cubes (cube + mask in), the image model separates 4 held-out patients' cubes.
+
+    Measure: the mean probability of the held-out malignant cubes minus that of the benign ones (0 for the
+    untrained network, which gives every cube the same probability); with 4 cubes it is steadier than their
+    loss, which the training prior (7 benign, 4 malignant) moves on its own."""
     monkeypatch.chdir(BUNDLE)
     with bundle_scripts(BUNDLE):
         from monai.bundle import ConfigParser
@@ -671,8 +675,8 @@ def test_image_training_on_real_cubes_beats_its_untrained_start(real_cubes, monk
         parser = ConfigParser()
         parser.read_config(CUBE)
         parser.update({"dataset_dir": str(real_cubes), "val_fold": 0, "ckpt_dir": str(real_cubes / "ckpt"),
-                       "output_dir": str(real_cubes / "eval"), "batch_size": 4, "train#trainer#max_epochs": 15,
-                       "val_interval": 15})  # fmt: skip
+                       "output_dir": str(real_cubes / "eval"), "batch_size": 4, "train#trainer#max_epochs": 30,
+                       "val_interval": 30})  # fmt: skip
         train, held_out = parser.get_parsed_content("split")
         assert len(train) == 11 and sorted(int(r["label"][0]) for r in held_out) == [0, 0, 1, 1]
         parser.get_parsed_content("initialize")
@@ -680,12 +684,13 @@ def test_image_training_on_real_cubes_beats_its_untrained_start(real_cubes, monk
         x = torch.stack([pre(r)["image"] for r in held_out]).float()
         y = torch.tensor([[float(r["label"][0])] for r in held_out])
 
-        def held_out_loss() -> float:
+        def margin() -> float:
             net.eval()
             with torch.no_grad():
-                return float(torch.nn.functional.binary_cross_entropy_with_logits(net(x)[:, :1], y))
+                p = torch.sigmoid(net(x)[:, :1])
+            return float(p[y == 1].mean() - p[y == 0].mean())
 
-        before = held_out_loss()
+        before = margin()
         parser.get_parsed_content("train#trainer").run()
-        after = held_out_loss()
-    assert after < before - 0.05, (before, after)
+        after = margin()
+    assert abs(before) < 0.02 and after > before + 0.05, (before, after)
