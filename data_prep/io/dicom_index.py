@@ -100,7 +100,8 @@ def _classify(path: str) -> tuple[tuple[str, str, str] | None, str, bool]:
     modality = str(ds.get("Modality", "")).strip().upper()
     sop = str(ds.get("SOPClassUID", "")).strip()
     series = str(ds.get("SeriesInstanceUID", "")).strip()
-    key = (series, str(ds.get("StudyInstanceUID", "")).strip(), str(ds.get("PatientID", "")).strip()) if series else None
+    study, patient = str(ds.get("StudyInstanceUID", "")).strip(), str(ds.get("PatientID", "")).strip()
+    key = (series, study, patient) if series else None
     if not _MODALITY.match(modality):  # Modality is required in every DICOM object: missing or garbled = damaged
         return key, f"damaged DICOM header (Modality {modality or 'missing'}, file of {size} bytes: truncated?)", True
     if modality != "CT":
