@@ -85,7 +85,7 @@ def test_symlinked_patient_folder_is_indexed_once(open_tmp):
 
 
 def test_unreadable_folder_and_slice_are_reported_not_dropped(open_tmp):
-    """As an ordinary user: a folder that cannot be listed is a folder error, a slice that cannot be read damages its series."""
+    """For an ordinary user: a folder that cannot be listed is reported, an unreadable slice damages its series."""
     ok = _series(open_tmp / "LIDC-IDRI-0001" / "s", uid="1.2.3.1", patient="LIDC-IDRI-0001")
     _series(open_tmp / "LIDC-IDRI-0002" / "s", uid="1.2.3.2", patient="LIDC-IDRI-0002")
     index_dicom(open_tmp)  # warm up lazy imports before the fork
@@ -101,7 +101,7 @@ def test_unreadable_folder_and_slice_are_reported_not_dropped(open_tmp):
 @pytest.mark.parametrize("where", [1, 3])
 @pytest.mark.parametrize("damage", ["header overwritten", "cut to 600 bytes", "cut in the pixels", "no Modality"])
 def test_damaged_slice_damages_its_series_non_dicom_is_only_skipped(tmp_path, damage, where):
-    """A corrupt slice (middle or top) is reported with its series; README, XML and other non-DICOM files are only skipped."""
+    """A corrupt slice (middle or top) is reported with its series; README, XML and other non-DICOM are skipped."""
     files = _series(tmp_path / "LIDC-IDRI-0001" / "series")
     bad = files[where]
     data = bytearray(bad.read_bytes())
@@ -109,7 +109,8 @@ def test_damaged_slice_damages_its_series_non_dicom_is_only_skipped(tmp_path, da
         data[100:400] = b"\xff" * 300
     elif damage == "no Modality":
         data[:] = data.replace(b"CT", b"\0\0", 1)
-    bad.write_bytes(bytes(data[: {"cut to 600 bytes": 600, "cut in the pixels": len(data) - 100}.get(damage, len(data))]))
+    keep = {"cut to 600 bytes": 600, "cut in the pixels": len(data) - 100}.get(damage, len(data))
+    bad.write_bytes(bytes(data[:keep]))
     (tmp_path / "README").write_text("LIDC-IDRI download\n")
     (tmp_path / "LIDC-IDRI-0001" / "series" / "069.xml").write_text("<LidcReadMessage/>")
     (tmp_path / "LIDC-IDRI-0001" / "series" / "notes").write_text("scanned twice")
@@ -118,5 +119,6 @@ def test_damaged_slice_damages_its_series_non_dicom_is_only_skipped(tmp_path, da
     assert [p for p, _ in series.damaged] == [str(bad)], series.damaged
     assert sorted(series.files) == sorted(str(f) for f in files if f != bad)
     reasons = dict(index.skipped)
-    assert reasons[str(tmp_path / "README")] == reasons[str(tmp_path / "LIDC-IDRI-0001" / "series" / "notes")] == "not a DICOM file"
+    notes = tmp_path / "LIDC-IDRI-0001" / "series" / "notes"
+    assert reasons[str(tmp_path / "README")] == reasons[str(notes)] == "not a DICOM file"
     assert not index.damaged
