@@ -131,7 +131,8 @@ def run_cases_dask(
     client = connect(scheduler)
     try:
         _check_workers(client, str(manifest.path.parent.resolve()), scheduler)
-        name = getattr(worker, "__module__", "case").rsplit(".", 1)[-1]
+        step_fn = worker.args[0] if isinstance(worker, partial) and worker.args else worker  # run_cases' stamped()
+        name = getattr(step_fn, "__module__", "case").rsplit(".", 1)[-1]
         run = uuid.uuid4().hex[:8]
         # one graph update for all cases: Dask then sees one large group of independent tasks and
         # queues them on the scheduler, handing each worker thread about one case at a time

@@ -33,7 +33,9 @@ try:
 except ImportError as exc:  # torch is the drr extra, not a core dependency
     raise ImportError("the drr step needs torch: pip install -c constraints.txt -e '.[drr]'") from exc
 
-from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
+from data_prep.io.writers import (
+    OutputError, check_gzip, package_versions, prepare_out_dir, write_csv, write_image, write_json,
+)  # fmt: skip
 from data_prep.ops.drr_render import DrrParams, render_case_arrays
 from data_prep.run.cases import run_cases
 from data_prep.run.manifest import CaseRecord, Manifest
@@ -56,6 +58,8 @@ def _read(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     """A prepared 3D volume as (array (Z, Y, X), spacing (z, y, x)); errors name the file."""
     if not path.exists():
         raise OutputError(f"{what} file {path} not found")
+    if path.name.endswith(".gz"):  # SimpleITK reads a truncated .nii.gz without error: the DRR would be garbage
+        check_gzip(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -213,7 +217,7 @@ def prepare_drr(
     out = prepare_out_dir(out, SUBDIRS + tuple(f"images/drr_slab{j}" for j in range(params.drr_slabs)))
     if export_dir:
         prepare_out_dir(export_dir)
-    manifest = Manifest(out / "manifest.json", "drr", params.manifest())
+    manifest = Manifest(out / "manifest.json", "drr", params.manifest(), sources={"prepared": str(prepared.resolve())})
     manifest.data["inputs"] = {"prepared": str(prepared.resolve()), "cases": len(entries), "export_seed_layout": str(export_dir or "")}
     manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "torch"])
     manifest.save()

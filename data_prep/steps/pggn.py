@@ -38,7 +38,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image
+from data_prep.io.writers import OutputError, check_gzip, package_versions, prepare_out_dir, write_csv, write_image
 from data_prep.ops.nodule_crops import bbox_crop, fixed_crop
 from data_prep.ops.nodule_features import (
     FEATURE_CHARACTERISTICS,
@@ -136,7 +136,10 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
     Returns:
         Manifest record with ``nodules`` (table rows), ``files`` and ``skipped`` (nodule ids and why).
     """
-    with CaseRecord(files={}, nodules=[], skipped={}) as rec:
+    with CaseRecord(expected=(OutputError,), files={}, nodules=[], skipped={}) as rec:
+        for path in (image_path, label_path):  # SimpleITK reads a truncated .nii.gz without error
+            if path.endswith(".gz"):
+                check_gzip(path)
         image = sitk.ReadImage(image_path)
         labels_img = sitk.ReadImage(label_path)
         if image.GetSize() != labels_img.GetSize():
@@ -207,7 +210,8 @@ def prepare_pggn(
     folds = load_folds(prepared, folds_from)
     entries = json.loads((prepared / "datalist.json").read_text()).get("training", [])
     out = prepare_out_dir(out, ("crops/fixed", "crops/bbox"))
-    manifest = Manifest(out / "manifest.json", "pggn", {**params.manifest(), "folds_from": str(folds_from) if folds_from else "datalist.json"})
+    parameters = {**params.manifest(), "folds_from": str(folds_from) if folds_from else "datalist.json"}
+    manifest = Manifest(out / "manifest.json", "pggn", parameters, sources={"prepared": str(prepared.resolve())})
     manifest.data["inputs"] = {"prepared": str(prepared.resolve()), "folds_from": str(folds_from) if folds_from else None}
     manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "SimpleITK", "scikit-image"])
     errors, tasks = [], []

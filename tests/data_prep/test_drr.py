@@ -245,6 +245,19 @@ def test_bad_inputs_get_clear_messages(prepared, tmp_path, capsys):
     assert "NOPE" in capsys.readouterr().err
 
 
+def test_truncated_input_is_refused_by_name(prepared, tmp_path, capsys):
+    """A prepared .nii.gz cut short (which SimpleITK reads without error) fails its case naming the file, exit 1."""
+    image = prepared / "images/C2.nii.gz"
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) * 3 // 4])
+    out = tmp_path / "drr"
+    assert main(["drr", "--prepared", str(prepared), "--out", str(out), *ARGS]) == 1
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["cases"]["C2"]["status"] == "failed" and f"{image} is damaged" in man["cases"]["C2"]["error"]
+    assert not (out / "images/drr/C2_p0.nii.gz").exists() and (out / "images/drr/C1_p0.nii.gz").exists()
+    assert f"FAILED C2: {image} is damaged" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("pose", [Pose(), Pose((3.0, -2.0, 4.0), (5.0, 20.0, -6.0))], ids=["pa", "rotated"])
 def test_agrees_with_nanodrr_dense_rendering(pose):
     """Our projector and nanodrr (800 samples per ray, same geometry) give the same DRR within 1 % inside the body."""
