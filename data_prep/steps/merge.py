@@ -46,7 +46,11 @@ def _datalist(folder: Path) -> list[dict]:
 def _absolute(entry: dict, folder: Path) -> dict:
     out = dict(entry)
     for key, value in entry.items():
-        if (key in ("image", "label", "lung", "xray", "drr") or key.startswith("drr_slab")) and isinstance(value, str) and not Path(value).is_absolute():
+        if (
+            (key in ("image", "label", "lung", "xray", "drr") or key.startswith("drr_slab"))
+            and isinstance(value, str)
+            and not Path(value).is_absolute()
+        ):
             out[key] = str((folder / value).resolve())
     return out
 

@@ -121,7 +121,9 @@ def _read_nodule_rows(prepared: Path) -> dict[str, list[dict]]:
     return by_case
 
 
-def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], fold: int, out: str, params: PggnParams) -> dict:
+def pggn_case(
+    case_id: str, image_path: str, label_path: str, rows: list[dict], fold: int, out: str, params: PggnParams
+) -> dict:
     """Crops and table rows of one case's nodules. Never raises: failures come back as ``status: failed``.
 
     Args:
@@ -154,7 +156,9 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
                 rec["skipped"][nodule_id] = "not inside the scan's slices"
                 continue
             if float(row["in_volume_fraction"]) < params.min_in_volume:
-                rec["skipped"][nodule_id] = f"only {float(row['in_volume_fraction']):.0%} inside the slices (min_in_volume {params.min_in_volume})"
+                rec["skipped"][nodule_id] = (
+                    f"only {float(row['in_volume_fraction']):.0%} inside the slices (min_in_volume {params.min_in_volume})"
+                )
                 continue
             mask = labels == k
             if not mask.any():
@@ -162,7 +166,9 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
                 continue
             files = {"image_fixed": f"crops/fixed/{nodule_id}.nii.gz", "image_bbox": f"crops/bbox/{nodule_id}.nii.gz"}
             centre = [float(row[f"centre_{a}_mm"]) for a in "xyz"]
-            write_image(fixed_crop(image, centre, params.crop_mm, params.crop_spacing), Path(out) / files["image_fixed"])
+            write_image(
+                fixed_crop(image, centre, params.crop_mm, params.crop_spacing), Path(out) / files["image_fixed"]
+            )
             write_image(bbox_crop(image, mask, params.bbox_size), Path(out) / files["image_bbox"])
             chars = {c: float(row[c]) for c in FEATURE_CHARACTERISTICS}
             out_row = {
@@ -212,7 +218,10 @@ def prepare_pggn(
     out = prepare_out_dir(out, ("crops/fixed", "crops/bbox"))
     parameters = {**params.manifest(), "folds_from": str(folds_from) if folds_from else "datalist.json"}
     manifest = Manifest(out / "manifest.json", "pggn", parameters, sources={"prepared": str(prepared.resolve())})
-    manifest.data["inputs"] = {"prepared": str(prepared.resolve()), "folds_from": str(folds_from) if folds_from else None}
+    manifest.data["inputs"] = {
+        "prepared": str(prepared.resolve()),
+        "folds_from": str(folds_from) if folds_from else None,
+    }
     manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "SimpleITK", "scikit-image"])
     errors, tasks = [], []
     for e in entries:
@@ -222,7 +231,15 @@ def prepare_pggn(
             continue
         if manifest.finished(cid, out) and cid in manifest.data["cases"]:
             continue
-        args = (cid, str(prepared / e["image"]), str(prepared / e["label"]), nodule_rows.get(cid, []), folds[e["patient_id"]], str(out), params)
+        args = (
+            cid,
+            str(prepared / e["image"]),
+            str(prepared / e["label"]),
+            nodule_rows.get(cid, []),
+            folds[e["patient_id"]],
+            str(out),
+            params,
+        )
         tasks.append((cid, args))
     manifest.data["errors"] = errors
     manifest.save()

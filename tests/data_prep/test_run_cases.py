@@ -16,7 +16,7 @@ from data_prep.run.manifest import Manifest
 
 REPO = Path(__file__).resolve().parents[2]
 
-DRIVER = '''
+DRIVER = """
 import os, sys, time
 from pathlib import Path
 from data_prep.run.cases import run_cases
@@ -33,7 +33,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     run_cases(slow_case, [(f"c{i}", (f"c{i}", str(out))) for i in range(4)], Manifest(out / "manifest.json", "t", {}),
               workers=2, progress=False)
-'''
+"""
 
 
 def _alive(pid: int) -> bool:
