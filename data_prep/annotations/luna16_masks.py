@@ -169,7 +169,8 @@ def nodule_masks(
         if np.any(idx < -0.5) or np.any(idx > n - 0.5):
             lo, hi = origin - spacing / 2, origin + (n - 0.5) * spacing
             msg = (
-                f"annotation row {a.row} (line {a.line}): centre ({a.x:.1f}, {a.y:.1f}, {a.z:.1f}) mm is outside the scan "
+                f"annotation row {a.row} (line {a.line}): centre ({a.x:.1f}, {a.y:.1f}, {a.z:.1f}) mm "
+                "is outside the scan "
                 f"(x {lo[0]:.1f}..{hi[0]:.1f}, y {lo[1]:.1f}..{hi[1]:.1f}, z {lo[2]:.1f}..{hi[2]:.1f})"
             )
             errors.append({"seriesuid": series_uid, "csv_row": a.row, "error": msg})

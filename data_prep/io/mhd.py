@@ -280,7 +280,8 @@ def _check_compressed(header: MhdHeader, chunk: int = 1 << 22) -> None:
     if started or total != header.n_bytes:
         raise MhdError(
             f"{header.path}: {header.data_file.name} decompresses to {total} bytes"
-            f"{' and ends inside a stream' if started else ''}; the header needs {_need(header)} (truncated or wrong file)"
+            f"{' and ends inside a stream' if started else ''}; the header needs {_need(header)} "
+            "(truncated or wrong file)"
         )
 
 

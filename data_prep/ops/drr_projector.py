@@ -186,8 +186,9 @@ def hu_channels(hu: np.ndarray) -> np.ndarray:
 
 
 def project_volume(
-    volume: np.ndarray | torch.Tensor, spacing: Sequence[float], geometry: DrrGeometry = DrrGeometry(), pose: Pose = Pose(),
-    *, iso_index: Sequence[float] | None = None, ray_step_mm: float | None = None, plane_chunk: int = 8,
+    volume: np.ndarray | torch.Tensor, spacing: Sequence[float], geometry: DrrGeometry = DrrGeometry(),
+    pose: Pose = Pose(), *, iso_index: Sequence[float] | None = None, ray_step_mm: float | None = None,
+    plane_chunk: int = 8,
 ) -> np.ndarray:  # fmt: skip
     """Cone-beam line integrals of every channel of a volume onto the PA detector.
 
@@ -245,7 +246,7 @@ def project_volume(
     ax, az = (src[0] - origin[0]) / sp_xyz[0], (src[2] - origin[2]) / sp_xyz[2]
     # the pixels whose rays can meet the volume: the box corners projected onto the detector
     box = (
-        np.array([[i, j, l] for i in (-0.5, nx - 0.5) for j in (-0.5, ny - 0.5) for l in (-0.5, nz - 0.5)]) * sp_xyz
+        np.array([[i, j, k] for i in (-0.5, nx - 0.5) for j in (-0.5, ny - 0.5) for k in (-0.5, nz - 0.5)]) * sp_xyz
         + origin
     )
     cq = box @ rot.T + shift  # corners in q

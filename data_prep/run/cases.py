@@ -1,4 +1,5 @@
-"""Run independent cases of a step, in this process, a local pool or on a Dask cluster, recording each in the manifest."""
+"""Run independent cases of a step, in this process, a local pool or on a Dask cluster, recording each in the
+manifest."""
 
 from __future__ import annotations
 

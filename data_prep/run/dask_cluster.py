@@ -85,7 +85,8 @@ def _check_workers(client, out: str, scheduler: str) -> None:
     cannot = sorted(addr for addr, ok in can.items() if not ok)
     if cannot:
         raise SchedulerError(
-            f"Dask worker(s) {', '.join(cannot)} cannot write to the output folder {out}: every worker must see the input "
+            f"Dask worker(s) {', '.join(cannot)} cannot write to the output folder {out}: "
+            "every worker must see the input "
             "and output folders at the same paths as this machine (a shared filesystem)"
         )
 

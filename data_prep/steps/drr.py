@@ -120,7 +120,8 @@ def render_case(
             or not (np.allclose(sp_n, spacing) and np.allclose(sp_l, spacing))
         ):
             raise OutputError(
-                f"{case_id}: image {hu.shape} at {tuple(spacing)} mm, nodule label {nod.shape}, lung label {lung.shape}: "
+                f"{case_id}: image {hu.shape} at {tuple(spacing)} mm, nodule label {nod.shape}, "
+                f"lung label {lung.shape}: "
                 "the three files must share one grid"
             )
         results = render_case_arrays(hu, nod, lung, spacing, params, key=case_id)
@@ -164,12 +165,14 @@ def render_case(
                 "sample": sample, "pose": k, "rotation_deg": list(res["pose"].rotation_deg),
                 "translation_mm": list(res["pose"].translation_mm), "max_diameter_mm": max(visible, default=0.0),
                 "drr_scale": round(res["drr_scale"], 4), "nodules": rows,
-                **{n: paths[n] for n in ("xray", "drr", "label", "lung", *(f"drr_slab{j}" for j in range(len(res["drr_slabs"]))))},
+                **{n: paths[n]
+                   for n in ("xray", "drr", "label", "lung", *(f"drr_slab{j}" for j in range(len(res["drr_slabs"]))))},
             })  # fmt: skip
             hidden = [r["label"] for r in rows if r["projected_area_px"] == 0]
             if hidden:
                 rec["warnings"].append(
-                    f"{sample}: nodule label(s) {hidden} project to no pixel (smaller than mask_min_mm or off the detector)"
+                    f"{sample}: nodule label(s) {hidden} project to no pixel "
+                    "(smaller than mask_min_mm or off the detector)"
                 )
             if not res["lungs"].any():
                 rec["warnings"].append(f"{sample}: the projected lung field is empty")
@@ -218,7 +221,9 @@ def prepare_drr(
     prepared: str | Path, out: str | Path, params: DrrParams = DrrParams(), *, cases: Sequence[str] | None = None,
     workers: int = 1, progress: bool = True, export_dir: str | Path | None = None, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``drr`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes). See the module docstring for what is written.
+    """Run the ``drr`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes).
+
+    See the module docstring for what is written.
 
     Args:
         prepared: a ``lidc`` or ``luna16`` output folder (images/, labels/, datalist.json).
@@ -280,14 +285,15 @@ def _write_tables(out: Path, manifest: Manifest, src_datalist: dict) -> None:
     rows = [row for rec in ok.values() for s in rec["samples"] for row in s["nodules"]]
     write_csv(rows, NODULE_COLUMNS, out / "nodules.csv")
     training = [
-        {"xray": s["xray"], "drr": s["drr"], **{k: v for k, v in s.items() if k.startswith("drr_slab")}, "label": s["label"],
-         "lung": s["lung"], "fold": rec.get("fold"), "case_id": cid, "patient_id": rec.get("patient_id"), "pose": s["pose"],
-         "max_diameter_mm": s["max_diameter_mm"]}
+        {"xray": s["xray"], "drr": s["drr"], **{k: v for k, v in s.items() if k.startswith("drr_slab")},
+         "label": s["label"], "lung": s["lung"], "fold": rec.get("fold"), "case_id": cid,
+         "patient_id": rec.get("patient_id"), "pose": s["pose"], "max_diameter_mm": s["max_diameter_mm"]}
         for cid, rec in ok.items() for s in rec["samples"]
     ]  # fmt: skip
     datalist = {
         "description": "DRR set by data_prep drr: drr = DRR of the CT, xray = X-ray-like rendering of the same CT "
-        "(a stand-in, not a radiograph), drr_slab<k> (with --drr-slabs) = the DRR's region in depth slab k, anterior first, "
+        "(a stand-in, not a radiograph), drr_slab<k> (with --drr-slabs) = the DRR's region in depth slab k, "
+        "anterior first, "
         "label = projected nodules, lung = projected lung field; folds from the prepared datalist",
         "n_folds": src_datalist.get("n_folds"),
         "fold_seed": src_datalist.get("fold_seed"),

@@ -212,7 +212,8 @@ def _write_tables(out: Path, manifest: Manifest, params: LidcParams) -> None:
     ]
     datalist = build_datalist(
         entries, params.folds, params.fold_seed,
-        description="LIDC-IDRI prepared by data_prep lidc: image = int16 HU, label = nodules (k = nodule k), lung = lung field",
+        description="LIDC-IDRI prepared by data_prep lidc: image = int16 HU, label = nodules (k = nodule k), "
+        "lung = lung field",
     )  # fmt: skip
     write_json(datalist, out / "datalist.json")
     manifest.save()

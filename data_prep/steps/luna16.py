@@ -318,7 +318,8 @@ def prepare_luna16(
     _write_tables(out, manifest, params, errors)
     s = manifest.data["summary"]
     print(
-        f"luna16: {s['annotations']} annotation(s): {s['lidc_masks']} LIDC outline mask(s), {s['sphere_masks']} sphere(s)"
+        f"luna16: {s['annotations']} annotation(s): {s['lidc_masks']} LIDC outline mask(s), "
+        f"{s['sphere_masks']} sphere(s)"
         f" ({s['sphere_fallbacks']} fell back to a sphere), {s['outside_scan']} outside their scan",
         file=sys.stderr,
     )
@@ -335,7 +336,8 @@ def _write_tables(out: Path, manifest: Manifest, params: Luna16Params, run_error
     ]
     datalist = build_datalist(
         entries, params.folds, params.fold_seed,
-        description="LUNA16 prepared by data_prep luna16: image = int16 HU, label = nodules (k = annotation k of the scan), "
+        description="LUNA16 prepared by data_prep luna16: image = int16 HU, "
+        "label = nodules (k = annotation k of the scan), "
         "lung = lung field; 'subset' is LUNA16's subset for its own 10-fold split",
     )  # fmt: skip
     write_json(datalist, out / "datalist.json")

@@ -56,7 +56,8 @@ def _absolute(entry: dict, folder: Path) -> dict:
 
 
 def merge_prepared(
-    inputs: Sequence[str | Path], out: str | Path, *, extra: Sequence[str | Path] = (), exclude: Sequence[str | Path] = (),
+    inputs: Sequence[str | Path], out: str | Path, *, extra: Sequence[str | Path] = (),
+    exclude: Sequence[str | Path] = (),
 ) -> dict:  # fmt: skip
     """Merge prepared folders (see the module docstring); returns a summary dict.
 

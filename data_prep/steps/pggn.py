@@ -157,7 +157,8 @@ def pggn_case(
                 continue
             if float(row["in_volume_fraction"]) < params.min_in_volume:
                 rec["skipped"][nodule_id] = (
-                    f"only {float(row['in_volume_fraction']):.0%} inside the slices (min_in_volume {params.min_in_volume})"
+                    f"only {float(row['in_volume_fraction']):.0%} inside the slices "
+                    f"(min_in_volume {params.min_in_volume})"
                 )
                 continue
             mask = labels == k
@@ -173,8 +174,9 @@ def pggn_case(
             chars = {c: float(row[c]) for c in FEATURE_CHARACTERISTICS}
             out_row = {
                 "nodule_id": nodule_id, "fold": fold,
-                **{c: row[c] for c in ("case_id", "patient_id", "series_uid", "label", "cluster_index", "n_readers", "annotation_ids",
-                                       "centre_x_mm", "centre_y_mm", "centre_z_mm", "in_volume_fraction", "diameter_mm")},
+                **{c: row[c] for c in ("case_id", "patient_id", "series_uid", "label", "cluster_index", "n_readers",
+                                       "annotation_ids", "centre_x_mm", "centre_y_mm", "centre_z_mm",
+                                       "in_volume_fraction", "diameter_mm")},
                 **shape_features(mask, spacing_zyx),
                 **hu_features(hu, mask, params.solid_hu),
                 **chars,
@@ -191,7 +193,9 @@ def prepare_pggn(
     prepared: str | Path, out: str | Path, params: PggnParams = PggnParams(), *,
     folds_from: str | Path | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``pggn`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes). See the module docstring for what is written.
+    """Run the ``pggn`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes).
+
+    See the module docstring for what is written.
 
     Args:
         prepared: a ``data_prep lidc`` output folder.
@@ -247,6 +251,7 @@ def prepare_pggn(
     rows = [r for _, rec in sorted(manifest.data["cases"].items()) if rec.get("status") == "ok" for r in rec["nodules"]]
     write_csv(rows, PGGN_COLUMNS, out / "pggn.csv")
     manifest.data["table"] = {"rows": len(rows), "malignant": sum(r["malignant"] == 1 for r in rows),
-                              "benign": sum(r["malignant"] == 0 for r in rows), "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
+                              "benign": sum(r["malignant"] == 0 for r in rows),
+                              "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
     manifest.save()
     return manifest.data

@@ -104,7 +104,9 @@ def prepare_pggn_table(
     out: str | Path, params: PggnTableParams = PggnTableParams(), *,
     patients: Sequence[str] | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``pggn-table`` step (``scheduler``: a Dask scheduler address, else local processes): ``<out>/pggn.csv`` and ``<out>/manifest.json``.
+    """Run the ``pggn-table`` step (``scheduler``: a Dask scheduler address, else local processes).
+
+    Writes ``<out>/pggn.csv`` and ``<out>/manifest.json``.
 
     Folds are assigned over the selected patients (all 1,010 patients of the database by default).
 
@@ -145,7 +147,9 @@ def prepare_pggn_table(
     )
     rows = [r for _, rec in sorted(manifest.data["cases"].items()) if rec.get("status") == "ok" for r in rec["nodules"]]
     write_csv(rows, TABLE_COLUMNS, out / "pggn.csv")
-    manifest.data["table"] = {"scans": len(selected), "rows": len(rows), "malignant": sum(r["malignant"] == 1 for r in rows),
-                              "benign": sum(r["malignant"] == 0 for r in rows), "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
+    manifest.data["table"] = {"scans": len(selected), "rows": len(rows),
+                              "malignant": sum(r["malignant"] == 1 for r in rows),
+                              "benign": sum(r["malignant"] == 0 for r in rows),
+                              "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
     manifest.save()
     return manifest.data

@@ -77,7 +77,8 @@ def summarize(prepared: str | Path) -> str:
             )
             source = f", mask from {row['mask_source']}" if row.get("mask_source") else ""
             lines.append(
-                f"    nodule {k}: {row.get('n_readers') or '?'} reader(s), diameter {float(row['diameter_mm']):.1f} mm, "
+                f"    nodule {k}: {row.get('n_readers') or '?'} reader(s), "
+                f"diameter {float(row['diameter_mm']):.1f} mm, "
                 f"texture {row.get('texture') or '?'}{source}, {inside}"
             )
         for w in rec.get("warnings", []):
