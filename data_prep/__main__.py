@@ -266,7 +266,7 @@ def _report_failures(result: dict) -> int:
     for cid, rec in failed.items():
         print(f"  FAILED {cid}: {rec.get('error')}", file=sys.stderr)
     for err in result.get("errors", []):
-        where = err.get("patient_id") or err.get("seriesuid") or "?"
+        where = err.get("patient_id") or err.get("seriesuid") or err.get("path") or "?"
         row = f" (CSV row {err['csv_row']})" if err.get("csv_row") else ""
         print(f"  ERROR {where}{row}: {err['error']}", file=sys.stderr)
     return 1 if failed or result.get("errors") else 0

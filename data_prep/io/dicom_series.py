@@ -77,7 +77,11 @@ def _stored_pixels(ds) -> np.ndarray:
     tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", ""))
     bits_stored = int(ds.get("BitsStored", 16) or 16)
     signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
-    plain = tsyntax in _UNCOMPRESSED_LE and int(ds.get("BitsAllocated", 0) or 0) == 16 and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+    plain = (
+        tsyntax in _UNCOMPRESSED_LE
+        and int(ds.get("BitsAllocated", 0) or 0) == 16
+        and int(ds.get("SamplesPerPixel", 1) or 1) == 1
+    )
     rows, cols = int(ds.Rows), int(ds.Columns)
     if plain and (bits_stored == 16 or not signed) and len(ds.PixelData) == 2 * rows * cols:
         stored = np.frombuffer(ds.PixelData, dtype="<i2" if signed else "<u2").reshape(rows, cols)

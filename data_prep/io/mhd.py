@@ -192,12 +192,16 @@ def read_mhd_header(path: str | Path) -> MhdHeader:
         raise MhdError(f"{path}: ElementSpacing = {fields['ElementSpacing']!r} must be positive")
     origin_key = next((k for k in _ORIGIN_KEYS if k in fields), None)
     if origin_key is None:
-        raise MhdError(f"{path}: header has no Offset (world position of the first voxel); world annotations cannot be placed")
+        raise MhdError(
+            f"{path}: header has no Offset (world position of the first voxel); world annotations cannot be placed"
+        )
     origin = _numbers(fields, origin_key, 3, path)
     dir_key = next((k for k in _DIRECTION_KEYS if k in fields), None)
     direction = _numbers(fields, dir_key, 9, path) if dir_key else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     m = np.asarray(direction).reshape(3, 3)
-    if not np.allclose(np.abs(m).round(), np.abs(m), atol=1e-3) or not np.allclose(np.abs(m).round() @ np.abs(m).round().T, np.eye(3)):
+    if not np.allclose(np.abs(m).round(), np.abs(m), atol=1e-3) or not np.allclose(
+        np.abs(m).round() @ np.abs(m).round().T, np.eye(3)
+    ):
         raise MhdError(
             f"{path}: {dir_key} = {fields[dir_key]!r} is oblique (not a permutation of the axes with flips); "
             "oblique volumes are not supported"
@@ -233,12 +237,18 @@ def read_mhd_header(path: str | Path) -> MhdHeader:
             )
     elif header_size == -1 or local:
         if file_bytes - skip < header.n_bytes:
-            raise MhdError(f"{data_file}: holds {file_bytes - skip} bytes, {path.name} needs {_need(header)} (truncated?)")
+            raise MhdError(
+                f"{data_file}: holds {file_bytes - skip} bytes, {path.name} needs {_need(header)} (truncated?)"
+            )
     elif file_bytes != header.n_bytes + header_size:
         raise MhdError(
             f"{data_file}: holds {file_bytes} bytes, header {path.name} needs {_need(header)}"
             + (f" + HeaderSize {header_size}" if header_size else "")
-            + (" (truncated)" if file_bytes < header.n_bytes + header_size else " (wrong file or wrong DimSize/ElementType)")
+            + (
+                " (truncated)"
+                if file_bytes < header.n_bytes + header_size
+                else " (wrong file or wrong DimSize/ElementType)"
+            )
         )
     return header
 
@@ -270,7 +280,8 @@ def _check_compressed(header: MhdHeader, chunk: int = 1 << 22) -> None:
     if started or total != header.n_bytes:
         raise MhdError(
             f"{header.path}: {header.data_file.name} decompresses to {total} bytes"
-            f"{' and ends inside a stream' if started else ''}; the header needs {_need(header)} (truncated or wrong file)"
+            f"{' and ends inside a stream' if started else ''}; the header needs {_need(header)} "
+            "(truncated or wrong file)"
         )
 
 

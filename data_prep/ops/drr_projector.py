@@ -186,8 +186,9 @@ def hu_channels(hu: np.ndarray) -> np.ndarray:
 
 
 def project_volume(
-    volume: np.ndarray | torch.Tensor, spacing: Sequence[float], geometry: DrrGeometry = DrrGeometry(), pose: Pose = Pose(),
-    *, iso_index: Sequence[float] | None = None, ray_step_mm: float | None = None, plane_chunk: int = 8,
+    volume: np.ndarray | torch.Tensor, spacing: Sequence[float], geometry: DrrGeometry = DrrGeometry(),
+    pose: Pose = Pose(), *, iso_index: Sequence[float] | None = None, ray_step_mm: float | None = None,
+    plane_chunk: int = 8,
 ) -> np.ndarray:  # fmt: skip
     """Cone-beam line integrals of every channel of a volume onto the PA detector.
 
@@ -244,13 +245,20 @@ def project_volume(
     bx, bz = ray[..., 0] * inv_dy / sp_xyz[0], ray[..., 2] * inv_dy / sp_xyz[2]
     ax, az = (src[0] - origin[0]) / sp_xyz[0], (src[2] - origin[2]) / sp_xyz[2]
     # the pixels whose rays can meet the volume: the box corners projected onto the detector
-    box = np.array([[i, j, l] for i in (-0.5, nx - 0.5) for j in (-0.5, ny - 0.5) for l in (-0.5, nz - 0.5)]) * sp_xyz + origin
+    box = (
+        np.array([[i, j, k] for i in (-0.5, nx - 0.5) for j in (-0.5, ny - 0.5) for k in (-0.5, nz - 0.5)]) * sp_xyz
+        + origin
+    )
     cq = box @ rot.T + shift  # corners in q
     m = g.sdd / (src_y - cq[:, 1])
     if np.any(cq[:, 1] >= src_y):
         m = np.full(8, np.inf)
-    cols = np.clip(np.floor(np.array([(cq[:, 0] * m).min(), (cq[:, 0] * m).max()]) / g.pixel_mm + size / 2 - 0.5), 0, size - 1)
-    rows = np.clip(np.floor(np.array([(-cq[:, 2] * m).min(), (-cq[:, 2] * m).max()]) / g.pixel_mm + size / 2 - 0.5), 0, size - 1)
+    cols = np.clip(
+        np.floor(np.array([(cq[:, 0] * m).min(), (cq[:, 0] * m).max()]) / g.pixel_mm + size / 2 - 0.5), 0, size - 1
+    )
+    rows = np.clip(
+        np.floor(np.array([(-cq[:, 2] * m).min(), (-cq[:, 2] * m).max()]) / g.pixel_mm + size / 2 - 0.5), 0, size - 1
+    )
     r0, r1, c0, c1 = int(rows[0]), int(rows[1]) + 2, int(cols[0]), int(cols[1]) + 2
     out = torch.zeros((c, size, size), dtype=torch.float32)
     y_planes = origin[1] + np.arange(ny) * sp_xyz[1]
@@ -265,7 +273,9 @@ def project_volume(
     return (out * torch.as_tensor(weight, dtype=torch.float32)).numpy()
 
 
-def _sample_planes(vol: torch.Tensor, js: np.ndarray, dy: np.ndarray, coef: list, t_slope: torch.Tensor, plane_chunk: int) -> torch.Tensor:
+def _sample_planes(
+    vol: torch.Tensor, js: np.ndarray, dy: np.ndarray, coef: list, t_slope: torch.Tensor, plane_chunk: int
+) -> torch.Tensor:
     """Sum over planes ``js`` of the plane sampled (bilinear, zero outside) where each ray crosses it.
 
     ``dy[j]`` is the plane's y minus the source's; a ray crosses plane j at voxel x index
@@ -326,7 +336,9 @@ def scale_unit(image: np.ndarray, percentile: float = 99.5) -> tuple[np.ndarray,
     return np.clip(image / top, 0.0, 1.0).astype(np.float32), top
 
 
-def xray_like(channels: np.ndarray, style: XrayStyle = XrayStyle(), rng: np.random.Generator | None = None) -> np.ndarray:
+def xray_like(
+    channels: np.ndarray, style: XrayStyle = XrayStyle(), rng: np.random.Generator | None = None
+) -> np.ndarray:
     """The "X-ray-like" stand-in from the projected HU channels (a rendering of the CT, not a radiograph).
 
     Steps: line integral with ``style.curve`` and the bone boost; Gaussian detector blur of the

@@ -111,7 +111,9 @@ def render_case_arrays(
         CT mask: ``projected_area_px``, ``centroid_row``, ``centroid_col``), ``drr_scale``.
     """
     if hu.ndim != 3 or hu.shape != nodules.shape or hu.shape != lungs.shape:
-        raise ValueError(f"image, nodule and lung arrays must be 3D of one shape, got {hu.shape}, {nodules.shape}, {lungs.shape}")
+        raise ValueError(
+            f"image, nodule and lung arrays must be 3D of one shape, got {hu.shape}, {nodules.shape}, {lungs.shape}"
+        )
     spacing = np.asarray(spacing, float)
     channels = hu_channels(hu)
     vol = [channels, (lungs > 0).astype(np.float32)[None]]
@@ -124,7 +126,9 @@ def render_case_arrays(
         if lung_field.shape != hu.shape:
             raise ValueError(f"lung_field {lung_field.shape} does not match the image {hu.shape}")
         if not lung_field.any():
-            raise ValueError("drr_region 'lungs': no lung field found in the CT (lung_mask is empty), the DRR would be blank")
+            raise ValueError(
+                "drr_region 'lungs': no lung field found in the CT (lung_mask is empty), the DRR would be blank"
+            )
         vol.append(channels * (lung_field > 0)[None])
         framing = lung_field  # nothing of the rendering depends on the labels
     lung_idx = np.argwhere(framing > 0)
@@ -156,7 +160,9 @@ def render_case_arrays(
         proj = project_volume(vol, spacing, g, pose, iso_index=iso, ray_step_mm=params.ray_step_mm)
         drr, scale = scale_unit(line_integral(proj[3:5] if params.drr_region == "lungs" else proj[:2], CT_CURVE))
         slabs = [
-            np.clip(line_integral(proj[first_slab + 2 * j : first_slab + 2 * j + 2], CT_CURVE) / scale, 0.0, 1.0).astype(np.float32)
+            np.clip(
+                line_integral(proj[first_slab + 2 * j : first_slab + 2 * j + 2], CT_CURVE) / scale, 0.0, 1.0
+            ).astype(np.float32)
             for j in range(params.drr_slabs)
         ]
         rng = np.random.default_rng([int(params.seed), zlib.crc32(key.encode()), k])

@@ -76,9 +76,7 @@ PLEURA_DEPTH_MM = 20.0
 HOLE_MAX_MM2 = 2000.0
 
 
-def lung_mask(
-    hu: np.ndarray, spacing: tuple[float, float, float], *, air_threshold: float = -320.0
-) -> np.ndarray:
+def lung_mask(hu: np.ndarray, spacing: tuple[float, float, float], *, air_threshold: float = -320.0) -> np.ndarray:
     """Segment the lung fields of a CT volume.
 
     Trachea and main bronchi, air outside the body, bowel and stomach gas are excluded; vessels
@@ -236,9 +234,7 @@ def lung_mask_with_info(
     return out, info
 
 
-def _fine_slab(
-    hu: np.ndarray, code: np.ndarray, air_threshold: float, max_hole: float
-) -> np.ndarray:
+def _fine_slab(hu: np.ndarray, code: np.ndarray, air_threshold: float, max_hole: float) -> np.ndarray:
     """The in-plane part of step 5 on a slab of full-grid slices: ``hu`` and ``code``, the
     coarse masks of :func:`lung_mask_with_info` repeated onto the full grid as bits (0 region,
     1 added, 2 zone, 3 airway_wide, 4 airway), of the same shape."""

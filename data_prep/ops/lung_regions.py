@@ -143,9 +143,7 @@ def find_airways(
     used = None
     for threshold in [air_threshold, *np.arange(start, AIRWAY_DARK_HU[0] - 1, -AIRWAY_STEP_HU)]:
         dark = (coarse < threshold) & lungs
-        grown = _airway_sections(
-            dark, coarse, air_threshold, darker, zone, two_lungs, centre, sy, sx
-        )
+        grown = _airway_sections(dark, coarse, air_threshold, darker, zone, two_lungs, centre, sy, sx)
         if grown.any() and np.count_nonzero(grown) <= limit:
             airway |= grown
             used = float(threshold) if used is None else used

@@ -24,9 +24,7 @@ FACE_2D = np.zeros((3, 3, 3), dtype=bool)
 FACE_2D[1] = ndi.generate_binary_structure(2, 1)
 
 
-def reconstruct(
-    mask: np.ndarray, marker: np.ndarray, structure: np.ndarray | None = None
-) -> tuple[np.ndarray, int]:
+def reconstruct(mask: np.ndarray, marker: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
     """The components of ``mask`` (3D, or as ``structure`` connects) that contain a voxel of
     ``marker``, and their number."""
     labels, n = ndi.label(mask, structure, output=np.int32)
@@ -112,9 +110,7 @@ def border_connected_2d(mask: np.ndarray) -> np.ndarray:
     return touching[labels]
 
 
-def fill_holes_2d(
-    mask: np.ndarray, max_area: float, keep_out: np.ndarray | None = None
-) -> np.ndarray:
+def fill_holes_2d(mask: np.ndarray, max_area: float, keep_out: np.ndarray | None = None) -> np.ndarray:
     """``mask`` with its axial holes (background not reaching the slice border) of at most
     ``max_area`` pixels filled, except holes that touch ``keep_out``. Fills a C-contiguous
     ``mask`` in place."""
@@ -180,21 +176,16 @@ def points_box(
     """Bounding box of the ``selected`` ones of ``points`` (index arrays, one per axis, as
     ``np.nonzero`` gives), widened by ``margin``; non-empty ``selected``."""
     return tuple(
-        slice(max(int(c[selected].min()) - m, 0), int(c[selected].max()) + 1 + m)
-        for c, m in zip(points, margin)
+        slice(max(int(c[selected].min()) - m, 0), int(c[selected].max()) + 1 + m) for c, m in zip(points, margin)
     )
 
 
-def fine_box(
-    box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]
-) -> tuple[slice, ...]:
+def fine_box(box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
     """The full-grid box (of an array of ``shape``) covered by the coarse box ``box``."""
     return tuple(slice(b.start * f, min(b.stop * f, n)) for b, f, n in zip(box, factor, shape))
 
 
-def slab_boxes(
-    box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]
-) -> list[Slab]:
+def slab_boxes(box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]) -> list[Slab]:
     """The coarse ``box`` cut along z into slabs of about ``SLAB_VOXELS`` full-grid voxels."""
     fine = fine_box(box, factor, shape)
     area = (fine[1].stop - fine[1].start) * (fine[2].stop - fine[2].start)
@@ -207,9 +198,7 @@ def slab_boxes(
     return out
 
 
-def upsample(
-    coarse: np.ndarray, box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]
-) -> np.ndarray:
+def upsample(coarse: np.ndarray, box: tuple[slice, ...], factor: tuple[int, ...], shape: tuple[int, ...]) -> np.ndarray:
     """``coarse[box]`` on the full grid (each coarse voxel repeated ``factor`` times along each
     axis), cropped to ``fine_box(box, factor, shape)``."""
     out = coarse[box]

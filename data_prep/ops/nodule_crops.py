@@ -27,7 +27,9 @@ def _resample(image: sitk.Image, size: Sequence[int], spacing: Sequence[float], 
     return sitk.Cast(sitk.Round(out), sitk.sitkInt16)
 
 
-def fixed_crop(image: sitk.Image, centre_xyz: Sequence[float], crop_mm: float = 48.0, spacing: float = 1.0) -> sitk.Image:
+def fixed_crop(
+    image: sitk.Image, centre_xyz: Sequence[float], crop_mm: float = 48.0, spacing: float = 1.0
+) -> sitk.Image:
     """An int16 cube of ``crop_mm`` edge at ``spacing`` centred on a world point (LPS mm, x, y, z).
 
     Args:

@@ -55,8 +55,8 @@ class Grid:
 
 
 def target_grid(
-    z_positions: np.ndarray, origin_xy: tuple[float, float], pixel_spacing: tuple[float, float], n_rows: int, n_cols: int,
-    spacing: tuple[float, float, float],
+    z_positions: np.ndarray, origin_xy: tuple[float, float], pixel_spacing: tuple[float, float], n_rows: int,
+    n_cols: int, spacing: tuple[float, float, float],
 ) -> Grid:  # fmt: skip
     """The grid at ``spacing`` that covers a slice stack, starting at its first voxel centre.
 

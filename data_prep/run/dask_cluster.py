@@ -85,7 +85,8 @@ def _check_workers(client, out: str, scheduler: str) -> None:
     cannot = sorted(addr for addr, ok in can.items() if not ok)
     if cannot:
         raise SchedulerError(
-            f"Dask worker(s) {', '.join(cannot)} cannot write to the output folder {out}: every worker must see the input "
+            f"Dask worker(s) {', '.join(cannot)} cannot write to the output folder {out}: "
+            "every worker must see the input "
             "and output folders at the same paths as this machine (a shared filesystem)"
         )
 
@@ -131,7 +132,8 @@ def run_cases_dask(
     client = connect(scheduler)
     try:
         _check_workers(client, str(manifest.path.parent.resolve()), scheduler)
-        name = getattr(worker, "__module__", "case").rsplit(".", 1)[-1]
+        step_fn = worker.args[0] if isinstance(worker, partial) and worker.args else worker  # run_cases' stamped()
+        name = getattr(step_fn, "__module__", "case").rsplit(".", 1)[-1]
         run = uuid.uuid4().hex[:8]
         # one graph update for all cases: Dask then sees one large group of independent tasks and
         # queues them on the scheduler, handing each worker thread about one case at a time

@@ -33,7 +33,9 @@ try:
 except ImportError as exc:  # torch is the drr extra, not a core dependency
     raise ImportError("the drr step needs torch: pip install -c constraints.txt -e '.[drr]'") from exc
 
-from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image, write_json
+from data_prep.io.writers import (
+    OutputError, check_gzip, package_versions, prepare_out_dir, write_csv, write_image, write_json,
+)  # fmt: skip
 from data_prep.ops.drr_render import DrrParams, render_case_arrays
 from data_prep.run.cases import run_cases
 from data_prep.run.manifest import CaseRecord, Manifest
@@ -41,7 +43,16 @@ from data_prep.run.manifest import CaseRecord, Manifest
 __all__ = ["prepare_drr", "render_case", "PreparedFolderError", "SUBDIRS", "NODULE_COLUMNS"]
 
 SUBDIRS = ("images/drr", "images/xray", "labels/nodules", "labels/lungs")
-NODULE_COLUMNS = ["sample", "case_id", "pose", "label", "diameter_mm", "projected_area_px", "centroid_row", "centroid_col"]
+NODULE_COLUMNS = [
+    "sample",
+    "case_id",
+    "pose",
+    "label",
+    "diameter_mm",
+    "projected_area_px",
+    "centroid_row",
+    "centroid_col",
+]
 
 
 class PreparedFolderError(FileNotFoundError):
@@ -56,12 +67,16 @@ def _read(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
     """A prepared 3D volume as (array (Z, Y, X), spacing (z, y, x)); errors name the file."""
     if not path.exists():
         raise OutputError(f"{what} file {path} not found")
+    if path.name.endswith(".gz"):  # SimpleITK reads a truncated .nii.gz without error: the DRR would be garbage
+        check_gzip(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise OutputError(f"cannot read {what} file {path}: {str(exc).strip().splitlines()[-1]}") from exc
     if img.GetDimension() != 3:
-        raise OutputError(f"{what} file {path} is {img.GetDimension()}D; the drr step needs the 3D volumes of a data_prep output")
+        raise OutputError(
+            f"{what} file {path} is {img.GetDimension()}D; the drr step needs the 3D volumes of a data_prep output"
+        )
     if not np.allclose(img.GetDirection(), np.eye(3).ravel(), atol=1e-3):
         raise OutputError(f"{what} file {path} is not in identity (LPS) direction as data_prep writes it")
     return sitk.GetArrayFromImage(img), np.array(img.GetSpacing()[::-1], dtype=float)
@@ -99,9 +114,14 @@ def render_case(
         hu, spacing = _read(root / entry["image"], "image")
         nod, sp_n = _read(root / entry["label"], "nodule label")
         lung, sp_l = _read(root / entry["lung"], "lung label")
-        if nod.shape != hu.shape or lung.shape != hu.shape or not (np.allclose(sp_n, spacing) and np.allclose(sp_l, spacing)):
+        if (
+            nod.shape != hu.shape
+            or lung.shape != hu.shape
+            or not (np.allclose(sp_n, spacing) and np.allclose(sp_l, spacing))
+        ):
             raise OutputError(
-                f"{case_id}: image {hu.shape} at {tuple(spacing)} mm, nodule label {nod.shape}, lung label {lung.shape}: "
+                f"{case_id}: image {hu.shape} at {tuple(spacing)} mm, nodule label {nod.shape}, "
+                f"lung label {lung.shape}: "
                 "the three files must share one grid"
             )
         results = render_case_arrays(hu, nod, lung, spacing, params, key=case_id)
@@ -121,13 +141,23 @@ def render_case(
             for key, arr in arrays.items():
                 _write_2d(arr, px, Path(out) / paths[key])
             if export_dir:
-                seed_drr, seed_mask = Path(export_dir) / f"{sample}_drr.png", Path(export_dir) / f"{sample}_drr_mask.png"
+                seed_drr, seed_mask = (
+                    Path(export_dir) / f"{sample}_drr.png",
+                    Path(export_dir) / f"{sample}_drr_mask.png",
+                )
                 write_image(sitk.GetImageFromArray(np.round(res["drr"] * 255).astype(np.uint8)), seed_drr)
                 write_image(sitk.GetImageFromArray(res["nodules"] * np.uint8(255)), seed_mask)
                 paths.update(seed_drr=str(seed_drr.resolve()), seed_mask=str(seed_mask.resolve()))
             files.update({f"p{k}_{name}": p for name, p in paths.items()})
             rows = [
-                {"sample": sample, "case_id": case_id, "pose": k, "label": lab, "diameter_mm": diameters.get(lab, ""), **st}
+                {
+                    "sample": sample,
+                    "case_id": case_id,
+                    "pose": k,
+                    "label": lab,
+                    "diameter_mm": diameters.get(lab, ""),
+                    **st,
+                }
                 for lab, st in sorted(res["nodule_stats"].items())
             ]
             visible = [float(diameters.get(r["label"]) or 0) for r in rows if r["projected_area_px"] > 0]
@@ -135,11 +165,15 @@ def render_case(
                 "sample": sample, "pose": k, "rotation_deg": list(res["pose"].rotation_deg),
                 "translation_mm": list(res["pose"].translation_mm), "max_diameter_mm": max(visible, default=0.0),
                 "drr_scale": round(res["drr_scale"], 4), "nodules": rows,
-                **{n: paths[n] for n in ("xray", "drr", "label", "lung", *(f"drr_slab{j}" for j in range(len(res["drr_slabs"]))))},
+                **{n: paths[n]
+                   for n in ("xray", "drr", "label", "lung", *(f"drr_slab{j}" for j in range(len(res["drr_slabs"]))))},
             })  # fmt: skip
             hidden = [r["label"] for r in rows if r["projected_area_px"] == 0]
             if hidden:
-                rec["warnings"].append(f"{sample}: nodule label(s) {hidden} project to no pixel (smaller than mask_min_mm or off the detector)")
+                rec["warnings"].append(
+                    f"{sample}: nodule label(s) {hidden} project to no pixel "
+                    "(smaller than mask_min_mm or off the detector)"
+                )
             if not res["lungs"].any():
                 rec["warnings"].append(f"{sample}: the projected lung field is empty")
         rec.update(status="ok", files=files, samples=samples, shape_zyx=list(hu.shape), spacing_zyx_mm=list(spacing))
@@ -152,16 +186,22 @@ def _load_prepared(prepared: Path) -> tuple[list[dict], dict, dict[tuple[str, in
         raise PreparedFolderError(f"prepared folder {prepared} not found")
     dl_path = prepared / "datalist.json"
     if not dl_path.exists():
-        raise PreparedFolderError(f"{dl_path} not found: is {prepared} the output of 'data_prep lidc' or 'data_prep luna16'?")
+        raise PreparedFolderError(
+            f"{dl_path} not found: is {prepared} the output of 'data_prep lidc' or 'data_prep luna16'?"
+        )
     if not (prepared / "images").is_dir():
         raise PreparedFolderError(f"{prepared}/images not found: the prepared folder holds no CT volumes")
     try:
         datalist = json.loads(dl_path.read_text())
         entries = list(datalist["training"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise PreparedFolderError(f"{dl_path} is not a data_prep datalist (a JSON object with a 'training' list): {exc}") from exc
+        raise PreparedFolderError(
+            f"{dl_path} is not a data_prep datalist (a JSON object with a 'training' list): {exc}"
+        ) from exc
     for i, e in enumerate(entries):
-        missing = [k for k in ("case_id", "patient_id", "image", "label", "lung") if not isinstance(e, dict) or k not in e]
+        missing = [
+            k for k in ("case_id", "patient_id", "image", "label", "lung") if not isinstance(e, dict) or k not in e
+        ]
         if missing:
             raise PreparedFolderError(f"{dl_path}: training entry {i} lacks {', '.join(missing)}")
     diameters: dict[tuple[str, int], float] = {}
@@ -181,7 +221,9 @@ def prepare_drr(
     prepared: str | Path, out: str | Path, params: DrrParams = DrrParams(), *, cases: Sequence[str] | None = None,
     workers: int = 1, progress: bool = True, export_dir: str | Path | None = None, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``drr`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes). See the module docstring for what is written.
+    """Run the ``drr`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes).
+
+    See the module docstring for what is written.
 
     Args:
         prepared: a ``lidc`` or ``luna16`` output folder (images/, labels/, datalist.json).
@@ -213,8 +255,12 @@ def prepare_drr(
     out = prepare_out_dir(out, SUBDIRS + tuple(f"images/drr_slab{j}" for j in range(params.drr_slabs)))
     if export_dir:
         prepare_out_dir(export_dir)
-    manifest = Manifest(out / "manifest.json", "drr", params.manifest())
-    manifest.data["inputs"] = {"prepared": str(prepared.resolve()), "cases": len(entries), "export_seed_layout": str(export_dir or "")}
+    manifest = Manifest(out / "manifest.json", "drr", params.manifest(), sources={"prepared": str(prepared.resolve())})
+    manifest.data["inputs"] = {
+        "prepared": str(prepared.resolve()),
+        "cases": len(entries),
+        "export_seed_layout": str(export_dir or ""),
+    }
     manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "torch"])
     manifest.save()
     threads = max(1, torch.get_num_threads() // workers) if workers > 1 else 0
@@ -226,7 +272,9 @@ def prepare_drr(
             done = any(f.endswith("_drr.png") for f in manifest.data["cases"][cid]["files"].values())
         if not done:
             diam = {lab: d for (c, lab), d in diameters.items() if c == cid}
-            todo.append((cid, (cid, e, str(prepared), str(out), params, diam, str(export_dir) if export_dir else None, threads)))
+            todo.append(
+                (cid, (cid, e, str(prepared), str(out), params, diam, str(export_dir) if export_dir else None, threads))
+            )
     run_cases(render_case, todo, manifest, workers=workers, progress=progress, desc="drr cases", scheduler=scheduler)
     _write_tables(out, manifest, src_datalist)
     return manifest.data
@@ -237,14 +285,15 @@ def _write_tables(out: Path, manifest: Manifest, src_datalist: dict) -> None:
     rows = [row for rec in ok.values() for s in rec["samples"] for row in s["nodules"]]
     write_csv(rows, NODULE_COLUMNS, out / "nodules.csv")
     training = [
-        {"xray": s["xray"], "drr": s["drr"], **{k: v for k, v in s.items() if k.startswith("drr_slab")}, "label": s["label"],
-         "lung": s["lung"], "fold": rec.get("fold"), "case_id": cid, "patient_id": rec.get("patient_id"), "pose": s["pose"],
-         "max_diameter_mm": s["max_diameter_mm"]}
+        {"xray": s["xray"], "drr": s["drr"], **{k: v for k, v in s.items() if k.startswith("drr_slab")},
+         "label": s["label"], "lung": s["lung"], "fold": rec.get("fold"), "case_id": cid,
+         "patient_id": rec.get("patient_id"), "pose": s["pose"], "max_diameter_mm": s["max_diameter_mm"]}
         for cid, rec in ok.items() for s in rec["samples"]
     ]  # fmt: skip
     datalist = {
         "description": "DRR set by data_prep drr: drr = DRR of the CT, xray = X-ray-like rendering of the same CT "
-        "(a stand-in, not a radiograph), drr_slab<k> (with --drr-slabs) = the DRR's region in depth slab k, anterior first, "
+        "(a stand-in, not a radiograph), drr_slab<k> (with --drr-slabs) = the DRR's region in depth slab k, "
+        "anterior first, "
         "label = projected nodules, lung = projected lung field; folds from the prepared datalist",
         "n_folds": src_datalist.get("n_folds"),
         "fold_seed": src_datalist.get("fold_seed"),

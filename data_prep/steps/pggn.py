@@ -38,7 +38,7 @@ from pathlib import Path
 
 import SimpleITK as sitk
 
-from data_prep.io.writers import OutputError, package_versions, prepare_out_dir, write_csv, write_image
+from data_prep.io.writers import OutputError, check_gzip, package_versions, prepare_out_dir, write_csv, write_image
 from data_prep.ops.nodule_crops import bbox_crop, fixed_crop
 from data_prep.ops.nodule_features import (
     FEATURE_CHARACTERISTICS,
@@ -121,7 +121,9 @@ def _read_nodule_rows(prepared: Path) -> dict[str, list[dict]]:
     return by_case
 
 
-def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], fold: int, out: str, params: PggnParams) -> dict:
+def pggn_case(
+    case_id: str, image_path: str, label_path: str, rows: list[dict], fold: int, out: str, params: PggnParams
+) -> dict:
     """Crops and table rows of one case's nodules. Never raises: failures come back as ``status: failed``.
 
     Args:
@@ -136,7 +138,10 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
     Returns:
         Manifest record with ``nodules`` (table rows), ``files`` and ``skipped`` (nodule ids and why).
     """
-    with CaseRecord(files={}, nodules=[], skipped={}) as rec:
+    with CaseRecord(expected=(OutputError,), files={}, nodules=[], skipped={}) as rec:
+        for path in (image_path, label_path):  # SimpleITK reads a truncated .nii.gz without error
+            if path.endswith(".gz"):
+                check_gzip(path)
         image = sitk.ReadImage(image_path)
         labels_img = sitk.ReadImage(label_path)
         if image.GetSize() != labels_img.GetSize():
@@ -151,7 +156,10 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
                 rec["skipped"][nodule_id] = "not inside the scan's slices"
                 continue
             if float(row["in_volume_fraction"]) < params.min_in_volume:
-                rec["skipped"][nodule_id] = f"only {float(row['in_volume_fraction']):.0%} inside the slices (min_in_volume {params.min_in_volume})"
+                rec["skipped"][nodule_id] = (
+                    f"only {float(row['in_volume_fraction']):.0%} inside the slices "
+                    f"(min_in_volume {params.min_in_volume})"
+                )
                 continue
             mask = labels == k
             if not mask.any():
@@ -159,13 +167,16 @@ def pggn_case(case_id: str, image_path: str, label_path: str, rows: list[dict], 
                 continue
             files = {"image_fixed": f"crops/fixed/{nodule_id}.nii.gz", "image_bbox": f"crops/bbox/{nodule_id}.nii.gz"}
             centre = [float(row[f"centre_{a}_mm"]) for a in "xyz"]
-            write_image(fixed_crop(image, centre, params.crop_mm, params.crop_spacing), Path(out) / files["image_fixed"])
+            write_image(
+                fixed_crop(image, centre, params.crop_mm, params.crop_spacing), Path(out) / files["image_fixed"]
+            )
             write_image(bbox_crop(image, mask, params.bbox_size), Path(out) / files["image_bbox"])
             chars = {c: float(row[c]) for c in FEATURE_CHARACTERISTICS}
             out_row = {
                 "nodule_id": nodule_id, "fold": fold,
-                **{c: row[c] for c in ("case_id", "patient_id", "series_uid", "label", "cluster_index", "n_readers", "annotation_ids",
-                                       "centre_x_mm", "centre_y_mm", "centre_z_mm", "in_volume_fraction", "diameter_mm")},
+                **{c: row[c] for c in ("case_id", "patient_id", "series_uid", "label", "cluster_index", "n_readers",
+                                       "annotation_ids", "centre_x_mm", "centre_y_mm", "centre_z_mm",
+                                       "in_volume_fraction", "diameter_mm")},
                 **shape_features(mask, spacing_zyx),
                 **hu_features(hu, mask, params.solid_hu),
                 **chars,
@@ -182,7 +193,9 @@ def prepare_pggn(
     prepared: str | Path, out: str | Path, params: PggnParams = PggnParams(), *,
     folds_from: str | Path | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``pggn`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes). See the module docstring for what is written.
+    """Run the ``pggn`` step (``scheduler``: a Dask scheduler address to run the cases on, else local processes).
+
+    See the module docstring for what is written.
 
     Args:
         prepared: a ``data_prep lidc`` output folder.
@@ -207,8 +220,12 @@ def prepare_pggn(
     folds = load_folds(prepared, folds_from)
     entries = json.loads((prepared / "datalist.json").read_text()).get("training", [])
     out = prepare_out_dir(out, ("crops/fixed", "crops/bbox"))
-    manifest = Manifest(out / "manifest.json", "pggn", {**params.manifest(), "folds_from": str(folds_from) if folds_from else "datalist.json"})
-    manifest.data["inputs"] = {"prepared": str(prepared.resolve()), "folds_from": str(folds_from) if folds_from else None}
+    parameters = {**params.manifest(), "folds_from": str(folds_from) if folds_from else "datalist.json"}
+    manifest = Manifest(out / "manifest.json", "pggn", parameters, sources={"prepared": str(prepared.resolve())})
+    manifest.data["inputs"] = {
+        "prepared": str(prepared.resolve()),
+        "folds_from": str(folds_from) if folds_from else None,
+    }
     manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "SimpleITK", "scikit-image"])
     errors, tasks = [], []
     for e in entries:
@@ -218,7 +235,15 @@ def prepare_pggn(
             continue
         if manifest.finished(cid, out) and cid in manifest.data["cases"]:
             continue
-        args = (cid, str(prepared / e["image"]), str(prepared / e["label"]), nodule_rows.get(cid, []), folds[e["patient_id"]], str(out), params)
+        args = (
+            cid,
+            str(prepared / e["image"]),
+            str(prepared / e["label"]),
+            nodule_rows.get(cid, []),
+            folds[e["patient_id"]],
+            str(out),
+            params,
+        )
         tasks.append((cid, args))
     manifest.data["errors"] = errors
     manifest.save()
@@ -226,6 +251,7 @@ def prepare_pggn(
     rows = [r for _, rec in sorted(manifest.data["cases"].items()) if rec.get("status") == "ok" for r in rec["nodules"]]
     write_csv(rows, PGGN_COLUMNS, out / "pggn.csv")
     manifest.data["table"] = {"rows": len(rows), "malignant": sum(r["malignant"] == 1 for r in rows),
-                              "benign": sum(r["malignant"] == 0 for r in rows), "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
+                              "benign": sum(r["malignant"] == 0 for r in rows),
+                              "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
     manifest.save()
     return manifest.data

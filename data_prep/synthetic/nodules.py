@@ -92,7 +92,9 @@ def prepare_nodules(nodules: Sequence[NoduleSpec], rng: np.random.Generator, ps:
         kk, rr, cc = np.nonzero(mask)
         zz = np.asarray(spec.z_positions, dtype=np.float64)[kk]
         centre = np.array([zz.mean(), rr.mean() + spec.row0, cc.mean() + spec.col0])
-        offsets = np.column_stack([zz - centre[0], (rr + spec.row0 - centre[1]) * ps, (cc + spec.col0 - centre[2]) * ps])
+        offsets = np.column_stack(
+            [zz - centre[0], (rr + spec.row0 - centre[1]) * ps, (cc + spec.col0 - centre[2]) * ps]
+        )
         radius = np.linalg.norm(offsets, axis=1).max()
         out.append(NoduleDraw(spec, nodule_hu(spec, rng, ps), centre, radius + NODULE_MARGIN_MM))
     return out

@@ -159,7 +159,10 @@ def _fixed_structures(u, v, anat: ChestAnatomy, static: dict) -> dict[str, tuple
         "abdomen": (np.ones(u.shape, bool), np.where(u < 0.1, HU["liver"], HU["soft"]).astype(np.float32)),
         "vena_cava": (ellipse_q(u, v, -0.17, -0.10, 0.045, 0.045) < 1, const(HU["soft"])),
         "oesophagus": (ellipse_q(u, v, 0.03, SPINE_V - 0.15, 0.04, 0.035) < 1, const(HU["soft"])),
-        "vertebral_body": (q_vert < 1, np.where(q_vert > 0.7, 0.8 * HU["cortical"], 0.9 * HU["marrow"]).astype(np.float32)),
+        "vertebral_body": (
+            q_vert < 1,
+            np.where(q_vert > 0.7, 0.8 * HU["cortical"], 0.9 * HU["marrow"]).astype(np.float32),
+        ),
         "disc": (q_vert < 1, const(HU["disc"])),
         "posterior_arch": (arch | spinous | transverse, const(0.7 * HU["cortical"])),
         "canal": (canal < 1, const(HU["csf"])),

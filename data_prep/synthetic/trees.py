@@ -81,7 +81,9 @@ def grow_tree(
         outward = end - origin
         outward = np.where(np.linalg.norm(outward, axis=1, keepdims=True) > 1e-6, _unit(outward), direction)
         children = []
-        for ratio, angle in zip(radius_ratios, (rng.uniform(0.15, 0.5, len(radius)), -rng.uniform(0.4, 0.95, len(radius)))):
+        for ratio, angle in zip(
+            radius_ratios, (rng.uniform(0.15, 0.5, len(radius)), -rng.uniform(0.4, 0.95, len(radius)))
+        ):
             turned = direction * np.cos(angle)[:, None] + np.cross(axis, direction) * np.sin(angle)[:, None]
             children.append((end, _unit(turned + outward_bias * outward), radius * ratio, origin))
         start, direction, radius, origin = (np.concatenate(parts) for parts in zip(*children))

@@ -364,7 +364,7 @@ def test_bad_item_in_a_list_is_refused_by_name(tmp_path):
 def test_nodule_centred_cube_gives_the_training_crop_result(tmp_path):
     """A 50 mm cube at 0.7 mm centred on a nodule (with its mask, or without) is cut and resampled inside the bundle
     to (nearly) the network input and the probability of the training-style 32^3 bounding-box crop of that nodule."""
-    from data_prep.pggn import bbox_crop, fixed_crop
+    from data_prep.ops.nodule_crops import bbox_crop, fixed_crop
 
     img, mask, centre = _nodule_ct()
     folder, masks = tmp_path / "inputs", tmp_path / "masks"
@@ -402,7 +402,7 @@ def test_training_kind_crop_input_is_unchanged(tmp_path):
     """A 32^3 crop of the training kind reaches the network exactly as in 0.1.2 (NibabelReader, no resampling)."""
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, Orientationd, ScaleIntensityRanged
 
-    from data_prep.pggn import bbox_crop
+    from data_prep.ops.nodule_crops import bbox_crop
 
     img, mask, _ = _nodule_ct(noise=40.0)
     sitk.WriteImage(bbox_crop(img, mask, 32), str(tmp_path / "crop.nii.gz"))

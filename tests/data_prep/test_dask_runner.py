@@ -38,7 +38,11 @@ def cluster():
 
 def _cases_run_on(lc) -> int:
     """Tasks of data_prep steps that reached memory on the cluster's scheduler so far."""
-    return sum(tp.state_counts.get("memory", 0) for name, tp in lc.scheduler.task_prefixes.items() if name.startswith("data_prep"))
+    return sum(
+        tp.state_counts.get("memory", 0)
+        for name, tp in lc.scheduler.task_prefixes.items()
+        if name.startswith("data_prep")
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,18 @@ def demo(tmp_path_factory, cluster):
     assert main(["synth-lidc", "--out", str(root / "dicom"), "--patient-ids", *PATIENTS, "--quiet"]) == 0
     assert main(["lidc", "--dicom-root", str(root / "dicom"), "--out", str(root / "single"), "--quiet"]) == 0
     before = _cases_run_on(cluster)
-    rc = main(["lidc", "--dicom-root", str(root / "dicom"), "--out", str(root / "dask"), "--quiet", "--scheduler", cluster.scheduler_address])
+    rc = main(
+        [
+            "lidc",
+            "--dicom-root",
+            str(root / "dicom"),
+            "--out",
+            str(root / "dask"),
+            "--quiet",
+            "--scheduler",
+            cluster.scheduler_address,
+        ]
+    )
     assert rc == 0
     assert _cases_run_on(cluster) - before == len(PATIENTS), "the cases did not run on the cluster"
     return root
@@ -112,14 +127,28 @@ def test_cluster_rerun_redoes_only_missing_cases(demo, cluster, tmp_path):
     assert len(kept) == 3
     seconds_before = json.loads((out / "manifest.json").read_text())["cases"][PATIENTS[0]]["seconds"]
     before = _cases_run_on(cluster)
-    rc = main(["lidc", "--dicom-root", str(demo / "dicom"), "--out", str(out), "--quiet", "--scheduler", cluster.scheduler_address])
+    rc = main(
+        [
+            "lidc",
+            "--dicom-root",
+            str(demo / "dicom"),
+            "--out",
+            str(out),
+            "--quiet",
+            "--scheduler",
+            cluster.scheduler_address,
+        ]
+    )
     assert rc == 0 and gone.exists()
     assert _cases_run_on(cluster) - before == 1
     assert {f: (out / f).stat().st_mtime_ns for f in kept} == kept
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cases"][PATIENTS[0]]["seconds"] == seconds_before
     assert manifest["summary"]["ok"] == len(PATIENTS)
-    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(gone))), sitk.GetArrayFromImage(sitk.ReadImage(str(demo / "dask" / gone.relative_to(out)))))
+    assert np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(gone))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(demo / "dask" / gone.relative_to(out)))),
+    )
 
 
 def test_failing_case_is_recorded_and_the_others_finish(demo, cluster, tmp_path, capsys):
@@ -129,7 +158,9 @@ def test_failing_case_is_recorded_and_the_others_finish(demo, cluster, tmp_path,
     bad = sorted((dicom / PATIENTS[1]).rglob("*.dcm"))[3]
     bad.write_bytes(bad.read_bytes()[:4000])
     out = tmp_path / "out"
-    rc = main(["lidc", "--dicom-root", str(dicom), "--out", str(out), "--quiet", "--scheduler", cluster.scheduler_address])
+    rc = main(
+        ["lidc", "--dicom-root", str(dicom), "--out", str(out), "--quiet", "--scheduler", cluster.scheduler_address]
+    )
     assert rc == 1
     cases = json.loads((out / "manifest.json").read_text())["cases"]
     assert cases[PATIENTS[0]]["status"] == "ok" and (out / "images" / f"{PATIENTS[0]}.nii.gz").exists()
@@ -153,7 +184,9 @@ def test_dead_worker_fails_only_its_case(cluster, tmp_path):
 
     manifest = Manifest(tmp_path / "manifest.json", "toy", {})
     ids = ["a", "b", "dies", "c", "d", "e"]  # more cases than 2 x threads: Dask queues them, one per worker
-    run_cases(_toy_case, [(c, (c, str(tmp_path))) for c in ids], manifest, progress=False, scheduler=cluster.scheduler_address)
+    run_cases(
+        _toy_case, [(c, (c, str(tmp_path))) for c in ids], manifest, progress=False, scheduler=cluster.scheduler_address
+    )
     saved = json.loads((tmp_path / "manifest.json").read_text())
     assert saved["summary"] == {"ok": 5, "failed": 1, "errors": 0}
     assert "worker died" in saved["cases"]["dies"]["error"]
@@ -171,7 +204,9 @@ def test_workers_that_cannot_write_the_output_stop_the_run_before_any_case(clust
     manifest = Manifest(unseen / "manifest.json", "toy", {})
     before = _cases_run_on(cluster)
     with pytest.raises(SchedulerError, match="cannot write to the output folder") as exc:
-        run_cases(_toy_case, [("a", ("a", str(tmp_path)))], manifest, progress=False, scheduler=cluster.scheduler_address)
+        run_cases(
+            _toy_case, [("a", ("a", str(tmp_path)))], manifest, progress=False, scheduler=cluster.scheduler_address
+        )
     assert re.search(r"worker\(s\) tcp://127\.0\.0\.1:\d+", str(exc.value)), "the workers are not named"
     assert _cases_run_on(cluster) == before and not (tmp_path / "a.txt").exists()
 
@@ -196,12 +231,30 @@ def test_newer_steps_on_the_cluster_equal_single_process_run(demo, cluster, tmp_
     single, dask_out = tmp_path / "single", tmp_path / "dask"
     assert main([step, "--prepared", str(demo / "single"), "--out", str(single), *extra, "--quiet"]) == 0
     before = _cases_run_on(cluster)
-    assert main([step, "--prepared", str(demo / "single"), "--out", str(dask_out), *extra, "--quiet", "--scheduler", cluster.scheduler_address]) == 0
+    assert (
+        main(
+            [
+                step,
+                "--prepared",
+                str(demo / "single"),
+                "--out",
+                str(dask_out),
+                *extra,
+                "--quiet",
+                "--scheduler",
+                cluster.scheduler_address,
+            ]
+        )
+        == 0
+    )
     assert _cases_run_on(cluster) - before == len(PATIENTS), "the cases did not run on the cluster"
     assert _files(single) == _files(dask_out)
     for f in _files(single):
         if f.endswith(".nii.gz"):
-            a, b = sitk.GetArrayFromImage(sitk.ReadImage(str(single / f))), sitk.GetArrayFromImage(sitk.ReadImage(str(dask_out / f)))
+            a, b = (
+                sitk.GetArrayFromImage(sitk.ReadImage(str(single / f))),
+                sitk.GetArrayFromImage(sitk.ReadImage(str(dask_out / f))),
+            )
             assert np.allclose(a, b), f
     table = "pggn.csv" if step == "pggn" else "datalist.json"
     assert (single / table).read_text() == (dask_out / table).read_text()

@@ -7,7 +7,11 @@ from data_prep.run.datalist import build_datalist, patient_folds
 
 def test_scans_of_one_patient_share_a_fold_and_folds_are_balanced():
     """Every scan of a patient lands in that patient's fold; fold sizes differ by at most one patient."""
-    entries = [{"case_id": f"P{p}_{s}", "patient_id": f"P{p}", "image": f"images/P{p}_{s}.nii.gz"} for p in range(13) for s in range(2)]
+    entries = [
+        {"case_id": f"P{p}_{s}", "patient_id": f"P{p}", "image": f"images/P{p}_{s}.nii.gz"}
+        for p in range(13)
+        for s in range(2)
+    ]
     dl = build_datalist(entries, n_folds=5, seed=3)
     by_patient = {}
     for e in dl["training"]:

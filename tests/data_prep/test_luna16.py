@@ -73,7 +73,9 @@ def test_real_sample_round_trip(sample_root, tmp_path):
     x0, y0 = (float(v) for v in ds.ImagePositionPatient[:2])
     row_sp, col_sp = (float(v) for v in ds.PixelSpacing)
     (ann,) = scan_nodule_rows(scan, (x0, y0, row_sp, col_sp))  # what luna16-annotations --dicom-root writes
-    csv_path = _write_csv(tmp_path / "annotations.csv", [[UID, ann["coordX"], ann["coordY"], ann["coordZ"], ann["diameter_mm"]]])
+    csv_path = _write_csv(
+        tmp_path / "annotations.csv", [[UID, ann["coordX"], ann["coordY"], ann["coordZ"], ann["diameter_mm"]]]
+    )
 
     out = tmp_path / "out"
     manifest = prepare_luna16(luna, csv_path, out, progress=False)
@@ -82,7 +84,9 @@ def test_real_sample_round_trip(sample_root, tmp_path):
     assert row["patient_id"] == PATIENT and row["mask_source"] == "lidc" and row["n_readers"] == "4"
     centre_hu = _centre_hu(out, row)
     dice = float(row["lidc_sphere_dice"])
-    print(f"\nreal 0001 round trip: centre HU {centre_hu}, Dice(LIDC mask, sphere) {dice:.3f}, match {row['match_distance_mm']} mm")
+    print(
+        f"\nreal 0001 round trip: centre HU {centre_hu}, Dice(LIDC mask, sphere) {dice:.3f}, match {row['match_distance_mm']} mm"
+    )
     assert centre_hu > -300
     assert dice > 0.7
     image = _arr(out / "images" / f"{UID}.nii.gz")
@@ -180,7 +184,9 @@ def test_zraw_and_flipped_axes_give_the_same_outputs(world, prepared, tmp_path):
     variants = {
         "zraw": dict(array=arr, origin_xyz=(ox, oy, oz), compress=True),
         "flipped": dict(
-            array=arr[::-1, :, ::-1].copy(), origin_xyz=(ox + (nx - 1) * sx, oy, oz + (nz - 1) * sz), direction=(-1, 0, 0, 0, 1, 0, 0, 0, -1)
+            array=arr[::-1, :, ::-1].copy(),
+            origin_xyz=(ox + (nx - 1) * sx, oy, oz + (nz - 1) * sz),
+            direction=(-1, 0, 0, 0, 1, 0, 0, 0, -1),
         ),
     }
     for name, kw in variants.items():
@@ -241,7 +247,9 @@ def test_bad_inputs_are_recorded_and_the_rest_goes_on(world, tmp_path, capsys):
     manifest = prepare_luna16(root, csv_path, out, progress=False)
     cases = manifest["cases"]
     assert cases[UID]["status"] == "ok" and cases[fake_uid]["status"] == "ok"
-    assert cases[broken_uid]["status"] == "failed" and f"{broken_uid}.raw: holds 1000 bytes" in cases[broken_uid]["error"]
+    assert (
+        cases[broken_uid]["status"] == "failed" and f"{broken_uid}.raw: holds 1000 bytes" in cases[broken_uid]["error"]
+    )
     errors = {e.get("csv_row"): e["error"] for e in manifest["errors"]}
     assert "annotation row 2 (line 3)" in errors[2] and "outside the scan" in errors[2]
     assert "no 1.2.3.4.no.such.scan.mhd" in errors[3] and "row(s) 3" in errors[3]
@@ -274,10 +282,17 @@ def test_two_workers_and_subset_selection(tmp_path):
     for n, uid in enumerate(uids):
         folder = tmp_path / "luna" / f"subset{min(n, 1)}"
         folder.mkdir(parents=True, exist_ok=True)
-        write_mhd(np.full((6, 40, 40), -1000 + 10 * n, dtype=np.int16), folder / f"{uid}.mhd", (5.0, 5.0, 5.0), (0.0, 0.0, 0.0))
+        write_mhd(
+            np.full((6, 40, 40), -1000 + 10 * n, dtype=np.int16),
+            folder / f"{uid}.mhd",
+            (5.0, 5.0, 5.0),
+            (0.0, 0.0, 0.0),
+        )
     csv_path = _write_csv(tmp_path / "a.csv", [[u, 100, 100, 10, 10] for u in uids])
     params = Luna16Params(mask_source="sphere")
-    manifest = prepare_luna16(tmp_path / "luna", csv_path, tmp_path / "out", params, subsets=[1], workers=2, progress=False)
+    manifest = prepare_luna16(
+        tmp_path / "luna", csv_path, tmp_path / "out", params, subsets=[1], workers=2, progress=False
+    )
     assert sorted(manifest["cases"]) == uids[1:] and manifest["summary"]["ok"] == 2 and manifest["errors"] == []
     assert manifest["inputs"]["annotation_rows_of_other_subsets"] == 1
     assert all(int(r["label_voxels"]) > 0 and r["subset"] == "subset1" for r in _rows(tmp_path / "out"))

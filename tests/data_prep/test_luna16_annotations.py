@@ -81,7 +81,13 @@ def test_nodules_below_3_mm_excluded():
     """A 3-reader cluster whose reader-averaged diameter is under 3 mm is dropped and counted."""
 
     def read(d):
-        return {"id": 1, "ijk": [10.0, 20.0, 1.0], "equivalent_diameter_mm": d, "max_axial_diameter_mm": d + 1, "empty_fill": False}
+        return {
+            "id": 1,
+            "ijk": [10.0, 20.0, 1.0],
+            "equivalent_diameter_mm": d,
+            "max_axial_diameter_mm": d + 1,
+            "empty_fill": False,
+        }
 
     facts = {"seriesuid": "1.2.3", "patient_id": "P", "pixel_spacing": 0.7, "slice_zvals": [0.0, 1.0, 2.0], "clusters": [
         {"cluster_index": 0, "n_readers": 3, "reads": [read(2.5), read(2.8), read(3.1)]},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,9 +60,7 @@ def make_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, scale=0.6, seed=0
     lungs = np.zeros(shape, bool)
     for side in (-1, 1):
         lungs |= (
-            ((gx - side * 75 * s) / (55 * s)) ** 2
-            + ((gy + 5 * s) / (80 * s)) ** 2
-            + ((gz - lung_z) / lung_half_z) ** 2
+            ((gx - side * 75 * s) / (55 * s)) ** 2 + ((gy + 5 * s) / (80 * s)) ** 2 + ((gz - lung_z) / lung_half_z) ** 2
         ) <= 1
     carina = (lung_z + 0.35 * lung_half_z, -20 * s, 0.0)
     trachea = _tube(grid, (half_z + 10, carina[1], 0), carina, 9 * s)
@@ -111,9 +108,7 @@ def make_phantom(shape=PHANTOM_SHAPE, spacing=PHANTOM_SPACING, scale=0.6, seed=0
     hu[oesophagus] = -900.0
 
     # Air trapped in a skin fold in the right lateral chest wall (partial volume, not gas-like).
-    skin_fold = (
-        ((gz - lung_z) / (15 * s)) ** 2 + (gy / (12 * s)) ** 2 + ((gx + 150 * s) / (6 * s)) ** 2
-    ) <= 1
+    skin_fold = (((gz - lung_z) / (15 * s)) ** 2 + (gy / (12 * s)) ** 2 + ((gx + 150 * s) / (6 * s)) ** 2) <= 1
     hu[skin_fold] = -900.0
 
     # Table: a hollow slab under the back; its inside is enclosed air in every slice.

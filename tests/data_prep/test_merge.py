@@ -19,7 +19,15 @@ def _prepared(folder: Path, cases: list[tuple[str, str, int]], nodules: dict[str
     entries = []
     for case, patient, fold in cases:
         (folder / "images" / f"{case}.nii.gz").write_bytes(b"")
-        entries.append({"case_id": case, "patient_id": patient, "fold": fold, "image": f"images/{case}.nii.gz", "label": f"labels/{case}.nii.gz"})
+        entries.append(
+            {
+                "case_id": case,
+                "patient_id": patient,
+                "fold": fold,
+                "image": f"images/{case}.nii.gz",
+                "label": f"labels/{case}.nii.gz",
+            }
+        )
     (folder / "datalist.json").write_text(json.dumps({"training": entries}))
     with open(folder / "nodules.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -34,7 +42,9 @@ def test_merge_keeps_folds_marks_extras_training_only_and_drops_duplicate_and_ex
     """Inputs keep their folds, extras get fold -1, a patient already merged or in the test set is left
     out with its nodule rows, and every path is absolute and points at the input's file."""
     base = _prepared(tmp_path / "base", [("c1", "P1", 0), ("c2", "P2", 1), ("c2b", "P2", 1)], {"c1": 1, "c2": 2})
-    extra = _prepared(tmp_path / "extra", [("c3", "P3", 0), ("c1x", "P1", 2), ("c4", "P4", 3)], {"c3": 1, "c1x": 3, "c4": 1})
+    extra = _prepared(
+        tmp_path / "extra", [("c3", "P3", 0), ("c1x", "P1", 2), ("c4", "P4", 3)], {"c3": 1, "c1x": 3, "c4": 1}
+    )
     test = _prepared(tmp_path / "test", [("t4", "P4", 0)], {})
     summary = merge_prepared([base], tmp_path / "out", extra=[extra], exclude=[test])
     dl = json.loads((tmp_path / "out" / "datalist.json").read_text())["training"]

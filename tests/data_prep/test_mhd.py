@@ -42,7 +42,9 @@ def test_hu_rules_padding_and_clipping(tmp_path):
     assert np.array_equal(img.hu[1:], arr[1:])
     assert img.origin_xyz == ORIGIN and np.allclose(img.spacing_xyz, SPACING) and not img.reoriented
     vol = img.to_ct_volume()
-    assert np.allclose(vol.z_positions, ORIGIN[2] + 2.5 * np.arange(6)) and vol.pixel_spacing == pytest.approx((0.8, 0.7))
+    assert np.allclose(vol.z_positions, ORIGIN[2] + 2.5 * np.arange(6)) and vol.pixel_spacing == pytest.approx(
+        (0.8, 0.7)
+    )
 
 
 def test_float_volume_is_rounded_to_int16(tmp_path):
@@ -55,7 +57,12 @@ def test_float_volume_is_rounded_to_int16(tmp_path):
 
 @pytest.mark.parametrize(
     "direction",
-    [(-1, 0, 0, 0, 1, 0, 0, 0, 1), (1, 0, 0, 0, -1, 0, 0, 0, -1), (0, 1, 0, 1, 0, 0, 0, 0, 1), (0, 0, 1, 1, 0, 0, 0, -1, 0)],
+    [
+        (-1, 0, 0, 0, 1, 0, 0, 0, 1),
+        (1, 0, 0, 0, -1, 0, 0, 0, -1),
+        (0, 1, 0, 1, 0, 0, 0, 0, 1),
+        (0, 0, 1, 1, 0, 0, 0, -1, 0),
+    ],
     ids=["flip-x", "flip-yz", "swap-xy", "permute-flip"],
 )
 def test_signed_permutation_is_reoriented_to_lps(tmp_path, direction):
@@ -96,7 +103,9 @@ def test_missing_and_wrong_size_raw_are_named(tmp_path):
     raw = tmp_path / "scan.raw"
     data = raw.read_bytes()
     raw.write_bytes(data[:-100])
-    with pytest.raises(MhdError, match=r"holds 1340 bytes.*DimSize 12 x 10 x 6 x 2 bytes \(MET_SHORT\) = 1440 bytes \(truncated\)"):
+    with pytest.raises(
+        MhdError, match=r"holds 1340 bytes.*DimSize 12 x 10 x 6 x 2 bytes \(MET_SHORT\) = 1440 bytes \(truncated\)"
+    ):
         read_mhd(path)
     raw.write_bytes(data + b"\0" * 8)
     with pytest.raises(MhdError, match="wrong file"):

@@ -26,7 +26,9 @@ RADIUS = 6.0
 def _ball(shape=(40, 40, 40)) -> np.ndarray:
     """Boolean ball (z, y, x) of RADIUS mm around CENTRE on a 1 mm grid at ORIGIN."""
     z, y, x = np.indices(shape)
-    return (x + ORIGIN[0] - CENTRE[0]) ** 2 + (y + ORIGIN[1] - CENTRE[1]) ** 2 + (z + ORIGIN[2] - CENTRE[2]) ** 2 <= RADIUS**2
+    return (x + ORIGIN[0] - CENTRE[0]) ** 2 + (y + ORIGIN[1] - CENTRE[1]) ** 2 + (
+        z + ORIGIN[2] - CENTRE[2]
+    ) ** 2 <= RADIUS**2
 
 
 def _image(arr: np.ndarray) -> sitk.Image:
@@ -40,7 +42,10 @@ def test_reader_labels_thresholds():
     assert reader_labels(4, 1) == {"malignant": 1, "ggn": 1}
     assert reader_labels(2, 3) == {"malignant": 0, "ggn": 0}
     assert reader_labels(3, 5)["malignant"] == "" and reader_labels(2.5, 2)["malignant"] == ""
-    assert reader_labels(3, 3, LabelRules(malignant_min=3, benign_max=1, ggn_max_texture=3)) == {"malignant": 1, "ggn": 1}
+    assert reader_labels(3, 3, LabelRules(malignant_min=3, benign_max=1, ggn_max_texture=3)) == {
+        "malignant": 1,
+        "ggn": 1,
+    }
     with pytest.raises(ValueError):
         LabelRules(malignant_min=2, benign_max=3)
 
@@ -104,7 +109,15 @@ def _prepared(root, corrupt_second: bool = False):
                      "annotation_ids": "1;2", "centre_x_mm": CENTRE[0], "centre_y_mm": CENTRE[1], "centre_z_mm": CENTRE[2],
                      "in_volume_fraction": 1.0, "diameter_mm": 12.0, "subtlety": 5, "internal_structure": 1, "calcification": 6,
                      "sphericity": 4, "margin": 4, "lobulation": 2, "spiculation": 1, "texture": tex, "malignancy": mal})  # fmt: skip
-        entries.append({"case_id": case, "patient_id": case, "image": f"images/{case}.nii.gz", "label": f"labels/nodules/{case}.nii.gz", "fold": n})
+        entries.append(
+            {
+                "case_id": case,
+                "patient_id": case,
+                "image": f"images/{case}.nii.gz",
+                "label": f"labels/nodules/{case}.nii.gz",
+                "fold": n,
+            }
+        )
     if corrupt_second:
         (root / "images/P-0002.nii.gz").write_bytes(b"not a nifti")
     with open(root / "nodules.csv", "w", newline="") as f:
@@ -124,7 +137,12 @@ def test_pggn_step_writes_crops_table_and_resumes(tmp_path):
     """The pggn command writes both crops and a table row per nodule with labels, HU stats and folds; a rerun redoes nothing."""
     prepared = _prepared(tmp_path / "prepared")
     out = tmp_path / "pggn"
-    assert main(["pggn", "--prepared", str(prepared), "--out", str(out), "--bbox-size", "16", "--crop-mm", "32", "--quiet"]) == 0
+    assert (
+        main(
+            ["pggn", "--prepared", str(prepared), "--out", str(out), "--bbox-size", "16", "--crop-mm", "32", "--quiet"]
+        )
+        == 0
+    )
     rows = {r["nodule_id"]: r for r in _table(out / "pggn.csv")}
     assert list(_table(out / "pggn.csv")[0]) == PGGN_COLUMNS
     assert set(rows) == {"P-0001_c0", "P-0002_c0"}
@@ -138,9 +156,16 @@ def test_pggn_step_writes_crops_table_and_resumes(tmp_path):
     bbox = sitk.GetArrayFromImage(sitk.ReadImage(str(out / a["image_bbox"])))
     assert bbox.shape == (16, 16, 16) and bbox[4:-4, 4:-4, 4:-4].max() == -500
     stamp = (out / a["image_fixed"]).stat().st_mtime_ns
-    assert main(["pggn", "--prepared", str(prepared), "--out", str(out), "--bbox-size", "16", "--crop-mm", "32", "--quiet"]) == 0
+    assert (
+        main(
+            ["pggn", "--prepared", str(prepared), "--out", str(out), "--bbox-size", "16", "--crop-mm", "32", "--quiet"]
+        )
+        == 0
+    )
     assert (out / a["image_fixed"]).stat().st_mtime_ns == stamp
-    assert main(["pggn", "--prepared", str(prepared), "--out", str(out), "--bbox-size", "20", "--quiet"]) == 2  # other settings refused
+    assert (
+        main(["pggn", "--prepared", str(prepared), "--out", str(out), "--bbox-size", "20", "--quiet"]) == 2
+    )  # other settings refused
 
 
 def test_pggn_step_records_a_failed_case_and_folds_from(tmp_path):

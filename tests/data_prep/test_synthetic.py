@@ -55,7 +55,9 @@ def small_world(pl, tmp_path_factory):
 
 def read_series(info):
     """(datasets sorted by increasing z, HU volume (z, y, x) with padding -> -1024)."""
-    dss = sorted((pydicom.dcmread(p) for p in Path(info["path"]).glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2]))
+    dss = sorted(
+        (pydicom.dcmread(p) for p in Path(info["path"]).glob("*.dcm")), key=lambda d: float(d.ImagePositionPatient[2])
+    )
     hu = []
     for ds in dss:
         stored = ds.pixel_array.astype(np.int32)

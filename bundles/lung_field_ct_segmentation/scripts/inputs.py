@@ -329,6 +329,13 @@ class _NamingLoader:
             raise AttributeError(name)
         return getattr(self.loader, name)
 
+    def __setattr__(self, name, value):
+        # MONAI Label's BundleInferTask sets ``_loader.image_only = False``: it must reach the wrapped loader.
+        if name == "loader":
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.loader, name, value)
+
     def __call__(self, filename, reader=None):
         try:
             return self.loader(filename, reader)
