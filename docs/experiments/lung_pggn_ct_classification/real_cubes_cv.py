@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from scripts.checkpoint import load_weights
-from scripts.cross_validate import cross_validate
+from scripts.cross_validate import cross_validate, pool_folds
 from scripts.metrics import binary_report
 
 CONFIGS = ["configs/train.json", "configs/cube.json"]
@@ -56,10 +56,14 @@ def main() -> None:
     ap.add_argument("--dataset_dir", required=True)
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--folds", type=int, nargs="*", default=None, help="train only these folds (default all)")
+    ap.add_argument("--pool_only", action="store_true", help="only pool the fold folders under --output_dir")
     args = ap.parse_args()
     overrides = {"dataset_dir": args.dataset_dir, "train#trainer#max_epochs": args.epochs, "val_interval": args.epochs,
                  "train#dataset#_target_": "CacheDataset", "validate#dataset#_target_": "CacheDataset"}  # fmt: skip
-    result = cross_validate(CONFIGS, args.output_dir, None, overrides)
+    if not args.pool_only:
+        cross_validate(CONFIGS, args.output_dir, args.folds, overrides)
+    result = pool_folds(args.output_dir, ["ggn"])  # every fold*/oof_predictions.csv under output_dir
     with open(Path(args.output_dir) / "cv_predictions.csv", newline="") as f:
         pooled = list(csv.DictReader(f))
     with open(Path(args.dataset_dir) / "pggn.csv", newline="") as f:
@@ -74,9 +78,13 @@ def main() -> None:
     if ggn.any() and len(set(y[ggn])) == 2:
         report["diameter_baseline_ggn"] = binary_report(y[ggn], diam[ggn])
     (Path(args.output_dir) / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
-    for name, r in (("image model, pooled OOF", result["all"]), ("mask diameter alone", report["diameter_baseline"]),
-                    ("shipped model.pt", report["shipped_model"])):  # fmt: skip
-        print(f"{name}: n={r['n']} ({r['n_positive']} malignant) AUC {r['auc']:.3f} (95% CI {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})")
+    named = (("image model, pooled OOF", result["all"]), ("mask diameter alone", report["diameter_baseline"]),
+             ("shipped model.pt", report["shipped_model"]), ("image model, ground glass", result.get("ggn", {})),
+             ("mask diameter, ground glass", report.get("diameter_baseline_ggn", {})))
+    for name, r in named:
+        if "auc" in r:
+            ci = f"{r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f}"
+            print(f"{name}: n={r['n']} ({r['n_positive']} malignant) AUC {r['auc']:.3f} (95% CI {ci})")
     print("per-fold AUC:", {k: round(v, 3) for k, v in result["per_fold_auc"].items()})
 
 
