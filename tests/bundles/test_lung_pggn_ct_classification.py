@@ -18,7 +18,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from tests.bundles.conftest import BUNDLES, assert_ddp_released_before_exit, bundle_scripts, ddp_release_probe, run_bundle
+from tests.bundles.conftest import (
+    BUNDLES,
+    assert_ddp_released_before_exit,
+    bundle_scripts,
+    ddp_release_probe,
+    run_bundle,
+)
 
 BUNDLE = BUNDLES / "lung_pggn_ct_classification"
 TABULAR = ["configs/train.json", "configs/tabular.json"]
@@ -48,7 +54,9 @@ def _rows(n: int, seed: int) -> list[dict]:
                "volume_mm3": round(np.pi / 6 * d**3, 1), "surface_area_mm2": round(np.pi * d**2, 1)}  # fmt: skip
         row.update({c: int(rng.integers(1, 6)) for c in FEATURES[3:]})
         row["internal_structure"] = min(row["internal_structure"], 4)  # LIDC's scale is 1-4
-        row.update(spiculation=int(spic), calcification=int(calc), malignant=int(score > 0), ggn=int(rng.random() < 0.3))
+        row.update(
+            spiculation=int(spic), calcification=int(calc), malignant=int(score > 0), ggn=int(rng.random() < 0.3)
+        )
         rows.append(row)
     return rows
 
@@ -86,8 +94,21 @@ def tabular_trained(data) -> dict:
     """The tabular variant trained briefly with ``monai.bundle run`` (fold 0 held out) and evaluated on it."""
     root = data["root"]
     ckpt, out = root / "ckpt", root / "eval_tabular"
-    run_bundle(BUNDLE, TABULAR, dataset_dir=str(data["table"]), ckpt_dir=str(ckpt), output_dir=str(out), train__trainer__max_epochs=25)
-    run_bundle(BUNDLE, [*TABULAR, "configs/evaluate.json"], dataset_dir=str(data["table"]), ckpt_dir=str(ckpt), output_dir=str(out))
+    run_bundle(
+        BUNDLE,
+        TABULAR,
+        dataset_dir=str(data["table"]),
+        ckpt_dir=str(ckpt),
+        output_dir=str(out),
+        train__trainer__max_epochs=25,
+    )
+    run_bundle(
+        BUNDLE,
+        [*TABULAR, "configs/evaluate.json"],
+        dataset_dir=str(data["table"]),
+        ckpt_dir=str(ckpt),
+        output_dir=str(out),
+    )
     return {"ckpt": ckpt, "out": out}
 
 
@@ -110,7 +131,9 @@ def test_tabular_training_beats_untrained_on_held_out_fold(data, tabular_trained
     preds = list(csv.DictReader(open(tabular_trained["out"] / "predictions.csv")))
     assert abs(_auc([int(p["label"]) for p in preds], [float(p["probability"]) for p in preds]) - report["auc"]) < 1e-6
     assert {"all", "ggn"} <= {r["subset"] for r in csv.DictReader(open(tabular_trained["out"] / "metrics.csv"))}
-    assert (tabular_trained["out"] / "calibration.csv").exists() and any((tabular_trained["out"] / "tensorboard").iterdir())
+    assert (tabular_trained["out"] / "calibration.csv").exists() and any(
+        (tabular_trained["out"] / "tensorboard").iterdir()
+    )
 
 
 def test_tabular_inference_on_table_rows(data, tabular_trained, tmp_path):
@@ -123,7 +146,9 @@ def test_tabular_inference_on_table_rows(data, tabular_trained, tmp_path):
                ckpt_dir=str(tabular_trained["ckpt"]), output_dir=str(tmp_path / "out"))  # fmt: skip
     preds = {p["id"]: float(p["probability"]) for p in csv.DictReader(open(tmp_path / "out/inference_predictions.csv"))}
     assert list(preds) == [r["nodule_id"] for r in rows]
-    evaluated = {p["id"]: float(p["probability"]) for p in csv.DictReader(open(tabular_trained["out"] / "predictions.csv"))}
+    evaluated = {
+        p["id"]: float(p["probability"]) for p in csv.DictReader(open(tabular_trained["out"] / "predictions.csv"))
+    }
     shared = set(preds) & set(evaluated)
     assert shared and all(abs(preds[k] - evaluated[k]) < 1e-5 for k in shared)
 
@@ -132,7 +157,9 @@ def test_image_then_fusion_training_beat_chance_on_held_out_fold(data, tabular_t
     """Image-only and fusion (frozen encoders from both checkpoints) each reach a held-out AUC well above chance; encoders stay frozen."""
     ckpt = tmp_path / "ckpt"
     shutil.copytree(tabular_trained["ckpt"], ckpt)
-    common = dict(dataset_dir=str(data["crops"]), ckpt_dir=str(ckpt), spatial_size=[SIZE] * 3, batch_size=8, widen_factor=0.125)
+    common = dict(
+        dataset_dir=str(data["crops"]), ckpt_dir=str(ckpt), spatial_size=[SIZE] * 3, batch_size=8, widen_factor=0.125
+    )
     run_bundle(BUNDLE, ["configs/train.json"], output_dir=str(tmp_path / "img"), train__trainer__max_epochs=8,
                **{**common, "batch_size": 4, "learning_rate": 0.003})  # fmt: skip
     run_bundle(BUNDLE, ["configs/train.json", "configs/evaluate.json"], output_dir=str(tmp_path / "img"), **common)
@@ -153,16 +180,22 @@ def test_bad_input_gets_clear_messages(data, tmp_path):
     rows = list(csv.DictReader(open(data["table"] / "pggn.csv")))
     with bundle_scripts(BUNDLE) as scripts:
         TableError = scripts.table.TableError
-        missing = _write_table(tmp_path / "missing.csv", [{k: v for k, v in r.items() if k != "spiculation"} for r in rows])
+        missing = _write_table(
+            tmp_path / "missing.csv", [{k: v for k, v in r.items() if k != "spiculation"} for r in rows]
+        )
         with pytest.raises(TableError, match=r"missing.csv: missing column.*feature_columns: \['spiculation'\]"):
             scripts.table.read_table(str(missing), FEATURES, "malignant")
         with pytest.raises(TableError, match=r"extra column\(s\) \['ggn'\]"):
             scripts.table.read_table(str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns=False)
         # the command line hands "false" over as a string, which must not read as true
         with pytest.raises(TableError, match=r"extra column\(s\) \['ggn'\]"):
-            scripts.table.read_table(str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns="false")
+            scripts.table.read_table(
+                str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns="false"
+            )
         with pytest.raises(ValueError, match=r"allow_extra_columns: expected true or false, got 'maybe'"):
-            scripts.table.read_table(str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns="maybe")
+            scripts.table.read_table(
+                str(data["table"] / "pggn.csv"), FEATURES, "malignant", allow_extra_columns="maybe"
+            )
         nan = _write_table(tmp_path / "nan.csv", [dict(r, texture="nan") if i == 3 else r for i, r in enumerate(rows)])
         with pytest.raises(TableError, match=r"nan.csv: empty, NaN or non-numeric.*'texture' in N003"):
             scripts.table.read_table(str(nan), FEATURES, "malignant")
@@ -179,7 +212,9 @@ def test_bad_input_gets_clear_messages(data, tmp_path):
         from monai.data import MetaTensor
 
         img = MetaTensor(torch.zeros(1, 16, 16, 16), meta={"filename_or_obj": "/x/crop_17.nii.gz"})
-        with pytest.raises(ValueError, match=r"crop /x/crop_17.nii.gz has spatial shape \(16, 16, 16\), the model takes \(32, 32, 32\)"):
+        with pytest.raises(
+            ValueError, match=r"crop /x/crop_17.nii.gz has spatial shape \(16, 16, 16\), the model takes \(32, 32, 32\)"
+        ):
             check({"image": img})
         torch.save(scripts.networks.TabularClassifier(5).state_dict(), tmp_path / "t5.pt")
         with pytest.raises(ValueError, match="trained with 5 feature columns, the config lists 11"):
@@ -217,24 +252,26 @@ def test_bundle_alone_loads_and_exports(tmp_path):
         import json, sys, torch
         sys.path.insert(0, {str(alone)!r})
         from monai.bundle import ConfigParser
-        p = ConfigParser(); p.read_config({str(alone / 'configs/inference.json')!r})
+        p = ConfigParser(); p.read_config({str(alone / "configs/inference.json")!r})
         p["bundle_root"] = {str(alone)!r}
-        data = p.get_parsed_content("preprocessing")({{"image": {str(tmp_path / 'crop.nii.gz')!r}}})
+        data = p.get_parsed_content("preprocessing")({{"image": {str(tmp_path / "crop.nii.gz")!r}}})
         net = p.get_parsed_content("network_def")
         import scripts
-        scripts.checkpoint.load_weights(net, {str(alone / 'models/model.pt')!r})
+        scripts.checkpoint.load_weights(net, {str(alone / "models/model.pt")!r})
         with torch.no_grad():
             pred = net.eval()(data["image"][None].float())
         out = p.get_parsed_content("postprocessing")({{"pred": pred[0]}})
         prob = float(out["pred"][0]); assert 0 <= prob <= 1, prob
         extra = {{"metadata.json": ""}}
-        ts = torch.jit.load({str(alone / 'models/model.ts')!r}, _extra_files=extra)
+        ts = torch.jit.load({str(alone / "models/model.ts")!r}, _extra_files=extra)
         assert "network_data_format" in json.loads(extra["metadata.json"])
         assert torch.allclose(ts(data["image"][None].float()), pred, atol=1e-4)
         print("OK", prob)
     """)
     env = {**os.environ, "PYTHONPATH": ""}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300
+    )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
     bundle = [sys.executable, "-m", "monai.bundle"]
     verify = subprocess.run([*bundle, "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json", "--config_file",
@@ -250,11 +287,15 @@ def test_bundle_alone_loads_and_exports(tmp_path):
 def test_torchrun_two_processes_train_a_checkpoint(data, tmp_path):
     """torchrun with 2 CPU processes (gloo, DistributedSampler) trains the tabular variant one epoch to a checkpoint,
     and each rank frees its DDP wrapper before the interpreter shuts down."""
-    files = [str(BUNDLE / f) for f in [*TABULAR, "configs/multi_gpu_train.json"]] + [ddp_release_probe(BUNDLE, tmp_path)]
+    files = [str(BUNDLE / f) for f in [*TABULAR, "configs/multi_gpu_train.json"]] + [
+        ddp_release_probe(BUNDLE, tmp_path)
+    ]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--tee=3", "--master_port=29563", "-m", "monai.bundle", "run",
            "--config_file", json.dumps(files), "--dataset_dir", str(data["table"]), "--ckpt_dir", str(tmp_path / "ckpt"),
            "--output_dir", str(tmp_path / "out"), "--train#trainer#max_epochs", "1"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": ""})
+    proc = subprocess.run(
+        cmd, cwd=BUNDLE, capture_output=True, text=True, timeout=400, env={**os.environ, "PYTHONPATH": ""}
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     state = torch.load(tmp_path / "ckpt/model_tabular.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in state) and state["feature_mean"].shape == (len(FEATURES),)
@@ -496,8 +537,11 @@ def test_table_rows_and_images_that_cannot_be_told_apart_or_found_are_refused(da
     with bundle_scripts(BUNDLE) as scripts:
         from_table = scripts.table.inference_rows(str(table), [], "image_bbox")
         from_images = scripts.table.inference_rows(str(tmp_path))
-    assert from_table[1] == {"id": "N001", "input": f"{table} [N001]",
-                             "error": f"crop (column 'image_bbox') {data['crops'] / 'bbox/gone.nii.gz'} not found"}
+    assert from_table[1] == {
+        "id": "N001",
+        "input": f"{table} [N001]",
+        "error": f"crop (column 'image_bbox') {data['crops'] / 'bbox/gone.nii.gz'} not found",
+    }
     assert "error" not in from_table[0] and "error" not in from_table[2]
     assert [r.get("error", "") for r in from_images] == [
         f"its id 'a' is also the id of {tmp_path / 'a.nii.gz'}: outputs are named from it",
@@ -663,6 +707,7 @@ def real_cubes(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.long
 def test_image_training_on_real_cubes_beats_its_untrained_start(real_cubes, monkeypatch):
     """Trained briefly on 11 real cubes (cube + mask in), the image model separates 4 held-out patients' cubes.
 

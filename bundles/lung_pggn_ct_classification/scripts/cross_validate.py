@@ -32,7 +32,9 @@ __all__ = ["cross_validate", "pool_folds", "main"]
 logger = logging.getLogger(__name__)
 
 
-def cross_validate(config_files: list[str], output_dir: str, folds: list[int] | None = None, overrides: dict | None = None) -> dict:
+def cross_validate(
+    config_files: list[str], output_dir: str, folds: list[int] | None = None, overrides: dict | None = None
+) -> dict:
     """Train and predict each fold; pool the out-of-fold predictions.
 
     Args:
@@ -59,7 +61,9 @@ def cross_validate(config_files: list[str], output_dir: str, folds: list[int] | 
     for k in folds:
         parser = ConfigParser()
         parser.read_config(config_files)
-        parser.update({**overrides, "val_fold": k, "ckpt_dir": str(out / f"fold{k}"), "output_dir": str(out / f"fold{k}")})
+        parser.update(
+            {**overrides, "val_fold": k, "ckpt_dir": str(out / f"fold{k}"), "output_dir": str(out / f"fold{k}")}
+        )
         parser.get_parsed_content("initialize")  # determinism, normalization fitted / encoders loaded
         parser.get_parsed_content("train#trainer").run()
         subset_keys = list(parser.get_parsed_content("subset_columns"))
@@ -73,7 +77,12 @@ def cross_validate(config_files: list[str], output_dir: str, folds: list[int] | 
     return pool_folds(output_dir, subset_keys, per_fold, pooled)
 
 
-def pool_folds(output_dir: str, subset_keys: list[str] | None = None, per_fold: dict | None = None, pooled: list[dict] | None = None) -> dict:
+def pool_folds(
+    output_dir: str,
+    subset_keys: list[str] | None = None,
+    per_fold: dict | None = None,
+    pooled: list[dict] | None = None,
+) -> dict:
     """Pool out-of-fold predictions (given, or read from ``<output_dir>/fold*/oof_predictions.csv``) into the CV metrics files."""
     out = Path(output_dir)
     if pooled is None:
@@ -81,11 +90,16 @@ def pool_folds(output_dir: str, subset_keys: list[str] | None = None, per_fold: 
         for path in sorted(out.glob("fold*/oof_predictions.csv")):
             k = int(path.parent.name[4:])
             with open(path, newline="") as f:
-                rows = [dict(r, fold=k, label=int(r["label"]), probability=float(r["probability"])) for r in csv.DictReader(f)]
+                rows = [
+                    dict(r, fold=k, label=int(r["label"]), probability=float(r["probability"]))
+                    for r in csv.DictReader(f)
+                ]
             for r in rows:
                 for key in subset_keys or []:
                     r[key] = int(r[key])
-            per_fold[k] = binary_report([r["label"] for r in rows], [r["probability"] for r in rows], n_bootstrap=0)["auc"]
+            per_fold[k] = binary_report([r["label"] for r in rows], [r["probability"] for r in rows], n_bootstrap=0)[
+                "auc"
+            ]
             pooled += rows
         if not pooled:
             raise FileNotFoundError(f"no fold*/oof_predictions.csv under {out}")
@@ -95,17 +109,35 @@ def pool_folds(output_dir: str, subset_keys: list[str] | None = None, per_fold: 
     result = {"all": binary_report(y, p)}
     for key in subset_keys:
         m = np.array([r.get(key) == 1 for r in pooled])
-        result[key] = binary_report(y[m], p[m], threshold=result["all"]["threshold"]) if m.any() and len(set(y[m])) == 2 else {"n": int(m.sum())}
+        result[key] = (
+            binary_report(y[m], p[m], threshold=result["all"]["threshold"])
+            if m.any() and len(set(y[m])) == 2
+            else {"n": int(m.sum())}
+        )
     aucs = list(per_fold.values())
     result["per_fold_auc"] = {str(k): v for k, v in per_fold.items()}
-    result["per_fold_auc_mean"], result["per_fold_auc_sd"] = float(np.mean(aucs)), float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0
+    result["per_fold_auc_mean"], result["per_fold_auc_sd"] = (
+        float(np.mean(aucs)),
+        float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "cv_metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     with open(out / "cv_predictions.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in pooled for k in r)))
         w.writeheader()
         w.writerows(pooled)
-    keys = ["n", "n_positive", "auc", "auc_ci_low", "auc_ci_high", "threshold", "sensitivity", "specificity", "brier", "ece"]
+    keys = [
+        "n",
+        "n_positive",
+        "auc",
+        "auc_ci_low",
+        "auc_ci_high",
+        "threshold",
+        "sensitivity",
+        "specificity",
+        "brier",
+        "ece",
+    ]
     with open(out / "cv_metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["subset", *keys])
@@ -120,7 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--output_dir", required=True)
     ap.add_argument("--folds", type=int, nargs="+", default=None)
     ap.add_argument("--pool_only", action="store_true", help="only pool the fold folders already under --output_dir")
-    ap.add_argument("--subset_columns", nargs="*", default=["ggn"], help="with --pool_only: subset columns (default ggn)")
+    ap.add_argument(
+        "--subset_columns", nargs="*", default=["ggn"], help="with --pool_only: subset columns (default ggn)"
+    )
     args, rest = ap.parse_known_args(argv)
     files = ast.literal_eval(args.config_file) if args.config_file.startswith("[") else [args.config_file]
     overrides = {}
@@ -130,14 +164,18 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, SyntaxError):
             pass
         overrides[key.lstrip("-")] = value
-    logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s"
+    )
     if args.pool_only:
         result = pool_folds(args.output_dir, args.subset_columns)
     else:
         result = cross_validate(files, args.output_dir, args.folds, overrides)
     for name, r in result.items():
         if isinstance(r, dict) and "auc" in r:
-            print(f"{name}: n={r['n']} ({r['n_positive']} positive) AUC {r['auc']:.3f} (95% CI {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})")
+            print(
+                f"{name}: n={r['n']} ({r['n_positive']} positive) AUC {r['auc']:.3f} (95% CI {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
+            )
     print(f"per-fold AUC {result['per_fold_auc_mean']:.3f} +- {result['per_fold_auc_sd']:.3f}")
     return 0
 

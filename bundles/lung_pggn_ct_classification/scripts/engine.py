@@ -27,7 +27,9 @@ class PrepareBatchKeys(PrepareBatch):
         self.label_key = label_key
 
     def __call__(self, batchdata: dict, device=None, non_blocking: bool = False, **kwargs):
-        inputs = [torch.as_tensor(batchdata[k]).float().to(device=device, non_blocking=non_blocking) for k in self.input_keys]
+        inputs = [
+            torch.as_tensor(batchdata[k]).float().to(device=device, non_blocking=non_blocking) for k in self.input_keys
+        ]
         label = batchdata.get(self.label_key)
         if label is not None:
             label = torch.as_tensor(label).float().to(device=device, non_blocking=non_blocking)

@@ -92,11 +92,24 @@ class ClassificationReport:
         for k in self.subset_keys:
             m = np.array([r.get(k, 0) == 1 for r in self.rows])
             if m.any() and len(np.unique(y[m])) == 2:
-                report[k] = binary_report(y[m], p[m], self.n_bootstrap, self.n_bins, threshold=report["all"]["threshold"])
+                report[k] = binary_report(
+                    y[m], p[m], self.n_bootstrap, self.n_bins, threshold=report["all"]["threshold"]
+                )
             else:
                 report[k] = {"n": int(m.sum()), "n_positive": int(y[m].sum()), "note": "fewer than two classes: no AUC"}
         (self.output_dir / f"{self.prefix}metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        keys = ["n", "n_positive", "auc", "auc_ci_low", "auc_ci_high", "threshold", "sensitivity", "specificity", "brier", "ece"]
+        keys = [
+            "n",
+            "n_positive",
+            "auc",
+            "auc_ci_low",
+            "auc_ci_high",
+            "threshold",
+            "sensitivity",
+            "specificity",
+            "brier",
+            "ece",
+        ]
         with open(self.output_dir / f"{self.prefix}metrics.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["subset", *keys])

@@ -8,7 +8,9 @@ import numpy as np
 __all__ = ["binary_report"]
 
 
-def binary_report(labels, probabilities, n_bootstrap: int = 1000, n_bins: int = 10, seed: int = 0, threshold: float | None = None) -> dict:
+def binary_report(
+    labels, probabilities, n_bootstrap: int = 1000, n_bins: int = 10, seed: int = 0, threshold: float | None = None
+) -> dict:
     """Metrics of predicted probabilities against 0/1 labels.
 
     Args:
@@ -34,7 +36,9 @@ def binary_report(labels, probabilities, n_bootstrap: int = 1000, n_bins: int = 
     if y.shape != p.shape:
         raise ValueError(f"{y.size} labels but {p.size} probabilities")
     if len(np.unique(y)) < 2:
-        raise ValueError(f"the labels hold one class only ({int(y[0]) if y.size else 'none'}) among {y.size} case(s): AUC is undefined")
+        raise ValueError(
+            f"the labels hold one class only ({int(y[0]) if y.size else 'none'}) among {y.size} case(s): AUC is undefined"
+        )
     auc = float(roc_auc_score(y, p))
     rng = np.random.default_rng(seed)
     boots = []
@@ -42,7 +46,7 @@ def binary_report(labels, probabilities, n_bootstrap: int = 1000, n_bins: int = 
         idx = rng.integers(0, y.size, y.size)
         if y[idx].min() != y[idx].max():
             boots.append(float(roc_auc_score(y[idx], p[idx])))
-    lo, hi = (np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan))
+    lo, hi = np.percentile(boots, [2.5, 97.5]) if boots else (np.nan, np.nan)
     if threshold is None:
         fpr, tpr, thr = roc_curve(y, p)
         best = int(np.argmax(tpr - fpr))

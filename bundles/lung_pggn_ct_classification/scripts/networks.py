@@ -40,10 +40,20 @@ class DepthwiseSeparableConv(nn.Sequential):
         spatial_dims: 2 or 3. Default 3.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, spatial_dims: int = 3):
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, spatial_dims: int = 3
+    ):
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
         super().__init__(
-            conv(in_channels, in_channels, kernel_size, stride=stride, padding=kernel_size // 2, groups=in_channels, bias=False),
+            conv(
+                in_channels,
+                in_channels,
+                kernel_size,
+                stride=stride,
+                padding=kernel_size // 2,
+                groups=in_channels,
+                bias=False,
+            ),
             conv(in_channels, out_channels, 1, bias=False),
         )
 
@@ -145,7 +155,11 @@ class TabularClassifier(nn.Module):
             raise ValueError("feature_columns is empty: the tabular model needs at least one feature column")
         self.in_features = in_features
         self.mask_prob = float(mask_prob)
-        log = torch.zeros(in_features, dtype=torch.bool) if log_transform is None else torch.as_tensor(list(log_transform), dtype=torch.bool)
+        log = (
+            torch.zeros(in_features, dtype=torch.bool)
+            if log_transform is None
+            else torch.as_tensor(list(log_transform), dtype=torch.bool)
+        )
         if log.numel() != in_features:
             raise ValueError(f"log_transform has {log.numel()} entries, feature_columns {in_features}")
         self.register_buffer("log_transform", log)

@@ -120,13 +120,17 @@ def read_table(
         raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
     path_ = Path(path)
     if not path_.is_file():
-        raise FileNotFoundError(f"table {path_} not found (make one with `python -m data_prep pggn` or `pggn-table`, or set `datalist`)")
+        raise FileNotFoundError(
+            f"table {path_} not found (make one with `python -m data_prep pggn` or `pggn-table`, or set `datalist`)"
+        )
     feature_columns = list(feature_columns)
     dup = sorted({c for c in feature_columns if feature_columns.count(c) > 1})
     if dup:
         raise TableError(f"feature_columns lists {dup} more than once")
     if label_column and label_column in feature_columns:
-        raise TableError(f"the label column '{label_column}' is also in feature_columns: the model would see its own label")
+        raise TableError(
+            f"the label column '{label_column}' is also in feature_columns: the model would see its own label"
+        )
     ranges = _ranges(feature_columns, feature_ranges)
     with open(path_, newline="") as f:
         reader = csv.DictReader(f)
@@ -222,7 +226,9 @@ def read_table(
         raise TableError(f"{path_}: {id_column} must be unique (outputs are named from it): {detail}; "
                          f"fix or drop them before {purpose}")  # fmt: skip
     if bad_labels:
-        raise TableError(f"{path_}: label column '{label_column}' must hold 0 or 1 (or be empty to leave a row out): {_show(bad_labels)}")
+        raise TableError(
+            f"{path_}: label column '{label_column}' must hold 0 or 1 (or be empty to leave a row out): {_show(bad_labels)}"
+        )
     if unlabelled:
         logger.info("%s: %d row(s) with an empty '%s' left out", path_, unlabelled, label_column)
     if not out:
@@ -230,7 +236,9 @@ def read_table(
     if image_column:
         absent = [r[k] for r in out for k in ("image", "mask") if k in r and not Path(r[k]).exists()]
         if absent:
-            raise FileNotFoundError(f"{path_}: {len(absent)} crop file(s) of column '{image_column}' not found: {_show(absent, 3)}")
+            raise FileNotFoundError(
+                f"{path_}: {len(absent)} crop file(s) of column '{image_column}' not found: {_show(absent, 3)}"
+            )
     return out
 
 
@@ -260,7 +268,9 @@ def _check_classes(rows: Sequence[dict], what: str, source: str, label_column: s
         )
 
 
-def split_rows(rows: Sequence[dict], val_fold: int, source: str = "table", label_column: str = "label") -> tuple[list[dict], list[dict]]:
+def split_rows(
+    rows: Sequence[dict], val_fold: int, source: str = "table", label_column: str = "label"
+) -> tuple[list[dict], list[dict]]:
     """Training rows (fold != ``val_fold``) and validation rows (fold == ``val_fold``), each with both classes.
 
     Args:
