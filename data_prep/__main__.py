@@ -43,7 +43,8 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument(
         "--scheduler", type=_scheduler, default=None, metavar="tcp://HOST:PORT",
-        help="run the cases on this Dask scheduler's workers (they must share the input and output folders); default: local processes",
+        help="run the cases on this Dask scheduler's workers (they must share the input and output folders); "
+             "default: local processes",
     )  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -72,7 +73,8 @@ def _add_demo_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no-body-fit", dest="body_fit", action="store_false",
-                   help="do not grow a phantom's body to hold its nodules (reproduces worlds written before data_prep 0.2)")  # fmt: skip
+                   help="do not grow a phantom's body to hold its nodules "
+                        "(reproduces worlds written before data_prep 0.2)")  # fmt: skip
 
 
 def _add_label_options(p: argparse.ArgumentParser) -> None:
@@ -113,8 +115,8 @@ def _run_pggn(args) -> int:
         crop_mm=args.crop_mm, crop_spacing=args.crop_spacing, bbox_size=args.bbox_size, solid_hu=args.solid_hu,
         min_in_volume=args.min_in_volume, labels=_label_rules(args),
     )  # fmt: skip
-    result = prepare_pggn(args.prepared, args.out, params, folds_from=args.folds_from, workers=args.workers, progress=not args.quiet,
-                          scheduler=args.scheduler)  # fmt: skip
+    result = prepare_pggn(args.prepared, args.out, params, folds_from=args.folds_from, workers=args.workers,
+                          progress=not args.quiet, scheduler=args.scheduler)  # fmt: skip
     return _pggn_summary("pggn", result, args.out)
 
 
@@ -132,8 +134,9 @@ def _run_pggn_table(args) -> int:
 def _run_nodule_patches(args) -> int:
     from data_prep.steps.nodule_patches import NodulePatchesParams, prepare_nodule_patches
 
-    params = NodulePatchesParams(max_dz_mm=args.max_dz, max_xy_mm=args.max_xy, z_margin_mm=args.z_margin, solid_hu=args.solid_hu, folds=args.folds,
-                                 fold_seed=args.fold_seed, labels=_label_rules(args))  # fmt: skip
+    params = NodulePatchesParams(max_dz_mm=args.max_dz, max_xy_mm=args.max_xy, z_margin_mm=args.z_margin,
+                                 solid_hu=args.solid_hu, folds=args.folds, fold_seed=args.fold_seed,
+                                 labels=_label_rules(args))  # fmt: skip
     result = prepare_nodule_patches(args.patches, args.out, params, annotations=args.annotations, workers=args.workers,
                                     progress=not args.quiet, scheduler=args.scheduler)  # fmt: skip
     m = result["matching"]
@@ -241,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--z-margin",
         type=float,
         default=2.0,
-        help="no in-plane check: take the z-nearest of several candidates when the next is this much farther (default 2)",
+        help="no in-plane check: take the z-nearest of several candidates when the next is this much farther "
+        "(default 2)",
     )
     n.add_argument(
         "--solid-hu", type=float, default=-300.0, help="HU above which a voxel is solid component (default -300)"
@@ -278,11 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="label = 1 where the ray runs this far through the mask (default 1)",
     )
     d.add_argument("--drr-region", choices=["body", "lungs"], default="body",
-                   help="body: the DRR integrates the whole CT (default); lungs: only the lung field, segmented from the CT's HU "
+                   help="body: the DRR integrates the whole CT (default); lungs: only the lung field, "
+                        "segmented from the CT's HU "
                         "(ribs, spine and heart vanish; the X-ray-like image stays whole)")  # fmt: skip
     d.add_argument("--drr-slabs", type=int, default=0,
                    help="also write the DRR's region in this many depth slabs along the beam, anterior first "
-                        "(images/drr_slab<k>/, datalist keys drr_slab<k>; each scaled like the DRR, so they add up to it); default 0")  # fmt: skip
+                        "(images/drr_slab<k>/, datalist keys drr_slab<k>; each scaled like the DRR, "
+                        "so they add up to it); default 0")  # fmt: skip
     d.add_argument("--seed", type=int, default=0, help="seed of poses and noise (default 0)")
     d.add_argument("--cases", nargs="+", default=None, help="only these case ids (default: all in datalist.json)")
     d.add_argument(
@@ -309,7 +315,8 @@ def _run_merge(args) -> int:
     s = merge_prepared(args.inputs, args.out, extra=args.extra, exclude=args.exclude)
     print(
         f"merge: {s['cases']} case(s) of {s['patients']} patient(s), {s['nodule_rows']} nodule row(s); left out: "
-        f"{s['excluded']} case(s) of excluded patients, {s['duplicate_patient']} of patients already merged -> {args.out}"
+        f"{s['excluded']} case(s) of excluded patients, {s['duplicate_patient']} of patients already merged "
+        f"-> {args.out}"
     )
     return 0
 
@@ -365,8 +372,8 @@ def _run_luna16(args) -> int:
         fold_seed=args.fold_seed,
     )
     result = prepare_luna16(
-        args.luna_root, args.annotations, args.out, params, subsets=args.subsets, workers=args.workers, progress=not args.quiet,
-        scheduler=args.scheduler,
+        args.luna_root, args.annotations, args.out, params, subsets=args.subsets, workers=args.workers,
+        progress=not args.quiet, scheduler=args.scheduler,
     )  # fmt: skip
     s = result["summary"]
     print(f"luna16: {s.get('ok', 0)} case(s) prepared, {s.get('failed', 0)} failed -> {args.out}")
@@ -382,7 +389,8 @@ def _run_luna16_annotations(args) -> int:
     write_luna16_annotations(args.out, rows, report)
     c = report["counts"]
     print(
-        f"luna16-annotations: {c.get('nodules')} nodule(s) in {c.get('scans_with_nodules')} of {c.get('scans_passing')} scan(s) -> {args.out}"
+        f"luna16-annotations: {c.get('nodules')} nodule(s) in {c.get('scans_with_nodules')} "
+        f"of {c.get('scans_passing')} scan(s) -> {args.out}"
     )
     frames = report["coordinates"]
     print(f"  world columns: {', '.join(frames.get('world_columns', []))}; report -> {report_path(args.out)}")
@@ -401,7 +409,8 @@ def _run_synth_luna16(args) -> int:
     )  # fmt: skip
     for s in res["scans"]:
         print(
-            f"synth-luna16: {s['patient_id']}: {s['subset']}/{s['seriesuid']}.mhd {tuple(s['shape_zyx'])}, {s['n_annotations']} annotation(s)"
+            f"synth-luna16: {s['patient_id']}: {s['subset']}/{s['seriesuid']}.mhd {tuple(s['shape_zyx'])}, "
+            f"{s['n_annotations']} annotation(s)"
         )
     print(f"synth-luna16: annotations -> {res['annotations_csv']}")
     return 0
@@ -427,8 +436,8 @@ def _run_drr(args) -> int:
     params = DrrParams(
         geometry=DrrGeometry(sdd=args.sdd, odd=args.odd, size=args.size, detector_mm=args.detector_mm),
         poses=args.poses, seed=args.seed, max_rotation_deg=args.max_rotation, max_shift_mm=args.max_shift,
-        max_depth_mm=args.max_depth, ray_step_mm=args.ray_step, mask_min_mm=args.mask_min_mm, drr_region=args.drr_region,
-        drr_slabs=args.drr_slabs,
+        max_depth_mm=args.max_depth, ray_step_mm=args.ray_step, mask_min_mm=args.mask_min_mm,
+        drr_region=args.drr_region, drr_slabs=args.drr_slabs,
     )  # fmt: skip
     result = prepare_drr(
         args.prepared, args.out, params, cases=args.cases, workers=args.workers, progress=not args.quiet,
@@ -437,7 +446,8 @@ def _run_drr(args) -> int:
     s = result["summary"]
     n = sum(len(rec.get("samples", [])) for rec in result["cases"].values() if rec.get("status") == "ok")
     print(
-        f"drr: {s.get('ok', 0)} case(s) rendered ({n} sample(s), {params.geometry.pixel_mm:.3f} mm pixels), {s.get('failed', 0)} failed -> {args.out}"
+        f"drr: {s.get('ok', 0)} case(s) rendered ({n} sample(s), {params.geometry.pixel_mm:.3f} mm pixels), "
+        f"{s.get('failed', 0)} failed -> {args.out}"
     )
     return _report_failures(result)
 

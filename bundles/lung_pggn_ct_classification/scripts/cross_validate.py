@@ -83,7 +83,8 @@ def pool_folds(
     per_fold: dict | None = None,
     pooled: list[dict] | None = None,
 ) -> dict:
-    """Pool out-of-fold predictions (given, or read from ``<output_dir>/fold*/oof_predictions.csv``) into the CV metrics files."""
+    """Pool out-of-fold predictions (given, or read from ``<output_dir>/fold*/oof_predictions.csv``)
+    into the CV metrics files."""
     out = Path(output_dir)
     if pooled is None:
         pooled, per_fold = [], {}
@@ -174,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in result.items():
         if isinstance(r, dict) and "auc" in r:
             print(
-                f"{name}: n={r['n']} ({r['n_positive']} positive) AUC {r['auc']:.3f} (95% CI {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
+                f"{name}: n={r['n']} ({r['n_positive']} positive) AUC {r['auc']:.3f} "
+                f"(95% CI {r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})"
             )
     print(f"per-fold AUC {result['per_fold_auc_mean']:.3f} +- {result['per_fold_auc_sd']:.3f}")
     return 0

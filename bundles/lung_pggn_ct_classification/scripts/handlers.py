@@ -123,5 +123,6 @@ class ClassificationReport:
                     w.writerow([name, b["bin_low"], b["bin_high"], b["n"], b["mean_predicted"], b["observed_rate"]])
         a = report["all"]
         logger.info("AUC %.3f (95%% CI %.3f-%.3f), sensitivity %.3f, specificity %.3f at %.3f, Brier %.3f (n=%d)",
-                    a["auc"], a["auc_ci_low"], a["auc_ci_high"], a["sensitivity"], a["specificity"], a["threshold"], a["brier"], a["n"])  # fmt: skip
+                    a["auc"], a["auc_ci_low"], a["auc_ci_high"], a["sensitivity"], a["specificity"], a["threshold"],
+                    a["brier"], a["n"])  # fmt: skip
         return report

@@ -37,7 +37,8 @@ def binary_report(
         raise ValueError(f"{y.size} labels but {p.size} probabilities")
     if len(np.unique(y)) < 2:
         raise ValueError(
-            f"the labels hold one class only ({int(y[0]) if y.size else 'none'}) among {y.size} case(s): AUC is undefined"
+            f"the labels hold one class only ({int(y[0]) if y.size else 'none'}) among {y.size} case(s): "
+            "AUC is undefined"
         )
     auc = float(roc_auc_score(y, p))
     rng = np.random.default_rng(seed)
@@ -63,7 +64,8 @@ def binary_report(
             ece += m.mean() * abs(p[m].mean() - y[m].mean())
         bins.append({
             "bin_low": round(float(edges[b]), 3), "bin_high": round(float(edges[b + 1]), 3), "n": int(m.sum()),
-            "mean_predicted": float(p[m].mean()) if m.any() else None, "observed_rate": float(y[m].mean()) if m.any() else None,
+            "mean_predicted": float(p[m].mean()) if m.any() else None,
+            "observed_rate": float(y[m].mean()) if m.any() else None,
         })  # fmt: skip
     return {
         "n": int(y.size), "n_positive": int(y.sum()), "auc": auc, "auc_ci_low": float(lo), "auc_ci_high": float(hi),

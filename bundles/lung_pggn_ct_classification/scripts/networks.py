@@ -109,9 +109,9 @@ class ImageClassifier(nn.Module):
     def __init__(self, in_channels: int = 1, widen_factor: float = 1.0, conv1_t_stride: int = 2, dropout: float = 0.2):
         super().__init__()
         self.backbone = ResNet(
-            block=DepthwiseSeparableResNetBlock, layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512], spatial_dims=3,
-            n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=conv1_t_stride, no_max_pool=True,
-            widen_factor=widen_factor, feed_forward=False, bias_downsample=False,
+            block=DepthwiseSeparableResNetBlock, layers=[2, 2, 2, 2], block_inplanes=[64, 128, 256, 512],
+            spatial_dims=3, n_input_channels=in_channels, conv1_t_size=3, conv1_t_stride=conv1_t_stride,
+            no_max_pool=True, widen_factor=widen_factor, feed_forward=False, bias_downsample=False,
         )  # fmt: skip
         self.out_features = int(512 * widen_factor)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.out_features, 1))
@@ -149,7 +149,8 @@ class TabularClassifier(nn.Module):
     """
 
     def __init__(self, in_features: int, embed_dim: int = 16, hidden_dim: int = 128, latent_dim: int = 64,
-                 mask_prob: float = 0.15, dropout: float = 0.1, log_transform: Sequence[bool] | None = None):  # fmt: skip
+                 mask_prob: float = 0.15, dropout: float = 0.1,
+                 log_transform: Sequence[bool] | None = None):  # fmt: skip
         super().__init__()
         if in_features < 1:
             raise ValueError("feature_columns is empty: the tabular model needs at least one feature column")

@@ -84,10 +84,10 @@ def _show(ids: Sequence[str], n: int = 5) -> str:
 
 
 def read_table(
-    path: str, feature_columns: Sequence[str] = (), label_column: str | None = "malignant", image_column: str | None = None,
-    id_column: str = "nodule_id", patient_column: str = "patient_id", fold_column: str | None = "fold",
-    subset_columns: Sequence[str] = (), allow_extra_columns: bool = True, mask_column: str | None = None,
-    feature_ranges: Mapping[str, str] | None = None, purpose: str = "training",
+    path: str, feature_columns: Sequence[str] = (), label_column: str | None = "malignant",
+    image_column: str | None = None, id_column: str = "nodule_id", patient_column: str = "patient_id",
+    fold_column: str | None = "fold", subset_columns: Sequence[str] = (), allow_extra_columns: bool = True,
+    mask_column: str | None = None, feature_ranges: Mapping[str, str] | None = None, purpose: str = "training",
 ) -> list[dict]:  # fmt: skip
     """Read and check the table.
 
@@ -227,7 +227,8 @@ def read_table(
                          f"fix or drop them before {purpose}")  # fmt: skip
     if bad_labels:
         raise TableError(
-            f"{path_}: label column '{label_column}' must hold 0 or 1 (or be empty to leave a row out): {_show(bad_labels)}"
+            f"{path_}: label column '{label_column}' must hold 0 or 1 (or be empty to leave a row out): "
+            f"{_show(bad_labels)}"
         )
     if unlabelled:
         logger.info("%s: %d row(s) with an empty '%s' left out", path_, unlabelled, label_column)

@@ -85,7 +85,8 @@ class CheckSpatialShaped(MapTransform):
                 name = meta.get("filename_or_obj", f"'{key}'")
                 raise ValueError(
                     f"crop {name} has spatial shape {shape}, the model takes {self.spatial_size} "
-                    "(set `spatial_size` to match, or make the crops with the matching data_prep pggn --bbox-size/--crop-mm)"
+                    "(set `spatial_size` to match, or make the crops with the matching data_prep pggn "
+                    "--bbox-size/--crop-mm)"
                 )
         return d
 

@@ -74,13 +74,21 @@ def main() -> None:
     diam = np.array([float(table[i]["equivalent_diameter_mm"]) for i in ids])
     shipped = shipped_predictions(args.dataset_dir, ids)
     p_shipped = np.array([shipped[i] for i in ids])
-    report = {"image_cv": result, "diameter_baseline": binary_report(y, diam), "shipped_model": binary_report(y, p_shipped)}
+    report = {
+        "image_cv": result,
+        "diameter_baseline": binary_report(y, diam),
+        "shipped_model": binary_report(y, p_shipped),
+    }
     if ggn.any() and len(set(y[ggn])) == 2:
         report["diameter_baseline_ggn"] = binary_report(y[ggn], diam[ggn])
     (Path(args.output_dir) / "comparison.json").write_text(json.dumps(report, indent=2) + "\n")
-    named = (("image model, pooled OOF", result["all"]), ("mask diameter alone", report["diameter_baseline"]),
-             ("shipped model.pt", report["shipped_model"]), ("image model, ground glass", result.get("ggn", {})),
-             ("mask diameter, ground glass", report.get("diameter_baseline_ggn", {})))
+    named = (
+        ("image model, pooled OOF", result["all"]),
+        ("mask diameter alone", report["diameter_baseline"]),
+        ("shipped model.pt", report["shipped_model"]),
+        ("image model, ground glass", result.get("ggn", {})),
+        ("mask diameter, ground glass", report.get("diameter_baseline_ggn", {})),
+    )
     for name, r in named:
         if "auc" in r:
             ci = f"{r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f}"
