@@ -7,9 +7,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".py", ".md", ".json", ".toml", ".txt", ".cfg", ".sh", ".yml", ".yaml", ".conf", ""}
-# Paths that only exist beside a development checkout, never in a user's clone.
-OUTSIDE = ("../shared", "/work/shared", "/work/main", "shared/data/")
 MAX_MODULE_LINES = 500
+
+
+def _outside_paths() -> list[str]:
+    """What a file would name to reach beside this checkout: the checkout's parent folder by its absolute path,
+    and each folder beside the checkout as ``../<name>/`` (names that are also top-level folders of the repository
+    are left out: ``../bundles/`` from ``docs/`` stays inside)."""
+    inside = {p.name for p in REPO.iterdir()}
+    beside = [f"../{p.name}/" for p in REPO.parent.iterdir() if p.is_dir() and p != REPO and p.name not in inside]
+    return beside + ([f"{REPO.parent}/"] if len(REPO.parent.parts) > 1 else [])
 
 
 def _tracked_files() -> list[Path]:
@@ -18,15 +25,13 @@ def _tracked_files() -> list[Path]:
 
 
 def test_no_tracked_file_points_outside_the_repository():
-    """No tracked text file (docs, configs, tests, code) names a path beside the checkout such as ../shared."""
-    offenders = []
+    """No tracked text file (docs, configs, tests, code) names a folder beside the checkout or its absolute path."""
+    outside, offenders = _outside_paths(), []
     for path in _tracked_files():
         if path.suffix not in TEXT_SUFFIXES or not path.is_file() or "tests/data" in path.as_posix():
             continue
         text = path.read_text(errors="replace")
-        offenders += [
-            f"{path.relative_to(REPO)}: {needle}" for needle in OUTSIDE if needle in text and path != Path(__file__)
-        ]
+        offenders += [f"{path.relative_to(REPO)}: {needle}" for needle in outside if needle in text]
     assert not offenders, "files that point outside the repository:\n" + "\n".join(offenders)
 
 
