@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from .handlers import ClassificationReport
-from .metrics import binary_report
+from .metrics import REPORT_KEYS, binary_report
 
 __all__ = ["cross_validate", "pool_folds", "main"]
 
@@ -127,23 +127,12 @@ def pool_folds(
         w = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in pooled for k in r)))
         w.writeheader()
         w.writerows(pooled)
-    keys = [
-        "n",
-        "n_positive",
-        "auc",
-        "auc_ci_low",
-        "auc_ci_high",
-        "threshold",
-        "sensitivity",
-        "specificity",
-        "brier",
-        "ece",
-    ]
+
     with open(out / "cv_metrics.csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["subset", *keys])
+        w.writerow(["subset", *REPORT_KEYS])
         for name in ["all", *subset_keys]:
-            w.writerow([name, *[result[name].get(k, "") for k in keys]])
+            w.writerow([name, *[result[name].get(k, "") for k in REPORT_KEYS]])
     return result
 
 

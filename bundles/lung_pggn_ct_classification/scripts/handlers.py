@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .metrics import binary_report
+from .metrics import REPORT_KEYS, binary_report
 
 __all__ = ["ClassificationReport"]
 
@@ -98,23 +98,12 @@ class ClassificationReport:
             else:
                 report[k] = {"n": int(m.sum()), "n_positive": int(y[m].sum()), "note": "fewer than two classes: no AUC"}
         (self.output_dir / f"{self.prefix}metrics.json").write_text(json.dumps(report, indent=2) + "\n")
-        keys = [
-            "n",
-            "n_positive",
-            "auc",
-            "auc_ci_low",
-            "auc_ci_high",
-            "threshold",
-            "sensitivity",
-            "specificity",
-            "brier",
-            "ece",
-        ]
+
         with open(self.output_dir / f"{self.prefix}metrics.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["subset", *keys])
+            w.writerow(["subset", *REPORT_KEYS])
             for name, r in report.items():
-                w.writerow([name, *[r.get(k, "") for k in keys]])
+                w.writerow([name, *[r.get(k, "") for k in REPORT_KEYS]])
         with open(self.output_dir / f"{self.prefix}calibration.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(["subset", "bin_low", "bin_high", "n", "mean_predicted", "observed_rate"])

@@ -5,7 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["binary_report"]
+__all__ = ["binary_report", "REPORT_KEYS"]
+
+#: The columns of a metrics CSV, in order (one row per subset).
+REPORT_KEYS = (
+    "n",
+    "n_positive",
+    "auc",
+    "auc_ci_low",
+    "auc_ci_high",
+    "threshold",
+    "sensitivity",
+    "specificity",
+    "brier",
+    "ece",
+)
 
 
 def binary_report(
